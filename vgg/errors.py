@@ -1,0 +1,24 @@
+"""The project's exceptions: each carries one actionable line for the user (what is wrong, where, the fix).
+
+The command line prints `error: <message>` for any `VGGError` and exits with status 2; anything else is a bug.
+"""
+
+
+class VGGError(Exception):
+    """Base of every error a user can cause and fix (bad input, bad config, missing files)."""
+
+
+class ConfigError(VGGError):
+    """An invalid, unknown or missing configuration key."""
+
+
+class DataError(VGGError):
+    """Raw archives, shards or statistics that are missing, corrupt or inconsistent."""
+
+
+class CheckpointError(VGGError):
+    """A checkpoint that is missing, truncated, not ours, or of the wrong configuration."""
+
+
+class ModelError(VGGError):
+    """An unknown configuration name or weights that do not fit a model."""
