@@ -1,0 +1,173 @@
+"""MLflow, the lab notebook: one experiment per profile, one run per stage execution, logged by one process.
+
+The run is created and written by the driver process (never by Ray workers), so a training run with any number
+of workers — or workers restarted after a failure — is exactly one MLflow run. Default store: a SQLite file in
+the project (`mlflow ui --backend-store-uri sqlite:///mlflow.db`); `MLFLOW_TRACKING_URI` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping
+
+from vgg.errors import VGGError
+
+
+class TrackingError(VGGError):
+    """The tracking store cannot be reached or written."""
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the project's SQLite store `<root>/mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def check_reachable(uri: str, *, timeout_s: float = 5.0) -> None:
+    """Fail before any work starts when a tracking server is down (a local store needs no check)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise TrackingError(
+        f"MLflow tracking server {uri} is not reachable ({problem}); start it, fix MLFLOW_TRACKING_URI, "
+        "or unset it to use the local store mlflow.db"
+    )
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → MLflow params with dotted names (`train.lr`), the same names in every run."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit(root: Path) -> str:
+    """The commit the code ran at, `+dirty` when the work tree differs; `unknown` outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+class TrackedRun:
+    """One MLflow run, written through an explicit client (no global "active run" state)."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, str],
+        parent_run_id: str | None = None,
+    ) -> None:
+        check_reachable(uri)
+        import mlflow  # imported here: ~1 s, and only the commands that track pay it
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            all_tags = dict(tags)
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        except Exception as error:  # the store itself failed (bad path, server error): one line, not a traceback
+            raise TrackingError(f"MLflow store {uri} cannot be written: {str(error).splitlines()[0]}") from None
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(key, value[:6000]) for key, value in sorted(params.items())]
+        for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
+        for key, value in numeric.items():
+            self.history.setdefault(key, []).append((step, value))
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2, sort_keys=True))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_artifact(self, path: Path, *, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def log_curves(self, keys: tuple[str, ...] = ("train/loss", "val/top1_err", "val/top5_err", "lr")) -> None:
+        """Training curves as one PNG artifact (`curves.png`), from the metrics this run logged."""
+        present = [key for key in keys if self.history.get(key)]
+        if not present:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
+        for axis, key in zip(axes[0], present):
+            steps, values = zip(*self.history[key])
+            axis.plot(steps, values, marker="o")
+            axis.set_title(key)
+            axis.set_xlabel("epoch")
+            if key == "lr":
+                axis.set_yscale("log")
+        figure.tight_layout()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "curves.png"
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            self.client.log_artifact(self.run_id, str(path))
+
+    def register_model(self, model: Any, *, name: str, example: Any, tags: Mapping[str, str]) -> str:
+        """Log the model (torch.export format) and register it as a new version of `name`; returns the version."""
+        import mlflow.pytorch
+
+        self._mlflow.set_tracking_uri(self.uri)
+        with self._mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=example,  # batch >= 2, else torch.export freezes the batch size (STACK.md)
+                pip_requirements=["torch==2.14.1", "torchvision==0.29.1"],  # skips a slow environment inference
+                registered_model_name=name,
+            )
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+        return version
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

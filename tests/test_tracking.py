@@ -1,0 +1,63 @@
+"""MLflow sink against a real `mlflow server` on 127.0.0.1 (started once per session by conftest)."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import TrackedRun, TrackingError, check_reachable, flatten, tracking_uri
+from tests.conftest import free_port
+
+
+def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server):
+    run = TrackedRun(
+        uri=mlflow_server,
+        experiment="vgg-test",
+        run_name="train-A-40",
+        tags={"stage": "train", "config": "A", "scale": "40", "profile": "test"},
+        params=flatten({"train": {"lr": 0.01, "batch_size": 64}, "model": {"crop": 32}}),
+    )
+    for epoch, (loss, top1) in enumerate([(2.3, 90.0), (1.9, 70.0), (1.5, 55.0)]):
+        run.log_metrics({"train/loss": loss, "val/top1_err": top1, "lr": 0.01}, step=epoch)
+    run.log_dict({"profile": "test"}, "config.json")
+    run.log_curves()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    version = run.register_model(model, name="vgg-test-A", example=torch.zeros(2, 3, 2, 2).numpy(),
+                                 tags={"config": "A", "scale": "40"})
+    run.finish()
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    logged = client.get_run(run.run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params == {"train.lr": "0.01", "train.batch_size": "64", "model.crop": "32"}
+    assert logged.data.tags["config"] == "A"
+    history = client.get_metric_history(run.run_id, "val/top1_err")
+    assert [(m.step, m.value) for m in history] == [(0, 90.0), (1, 70.0), (2, 55.0)]
+    artifacts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"config.json", "curves.png"} <= artifacts
+    registered = client.get_model_version("vgg-test-A", version)
+    assert registered.tags == {"config": "A", "scale": "40"}
+
+
+def test_parent_and_child_runs(mlflow_server):
+    parent = TrackedRun(uri=mlflow_server, experiment="vgg-test", run_name="tune", tags={}, params={})
+    child = TrackedRun(uri=mlflow_server, experiment="vgg-test", run_name="trial-1", tags={}, params={},
+                       parent_run_id=parent.run_id)
+    assert MlflowClient(mlflow_server).get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_a_server_that_is_down_is_one_clear_line():
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=rf"MLflow tracking server {uri} is not reachable") as error:
+        check_reachable(uri, timeout_s=2)
+    assert "\n" not in str(error.value)
+
+
+def test_default_store_is_a_sqlite_file_in_the_project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_flatten_gives_dotted_names():
+    assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": "1", "a.c.d": "x", "e": "None"}
