@@ -4,10 +4,12 @@ by their own process handles (never `ray stop`/`pkill`, which would hit processe
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -64,3 +66,59 @@ def mlflow_server(tmp_path_factory):
     finally:
         stop_group(process)
         log.close()
+
+
+def _ray_start(args: list[str], log_path: Path) -> subprocess.Popen:
+    """`ray start` daemonises into the process group of the Popen below; that group is what we stop later."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(BIN / "ray"), "start", *args, "--disable-usage-stats"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if process.wait(timeout=120) != 0:
+            stop_ray_group(process.pid)
+            raise RuntimeError(f"ray start failed: {log_path.read_text()[-2000:]}")
+    return process
+
+
+def stop_ray_group(pgid: int) -> None:
+    """Stop the Ray daemons of one `ray start` by their process group: TERM, then KILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real two-node local Ray cluster on 127.0.0.1 (head + one joined node), shared by every Ray test.
+
+    Yields the GCS address (`127.0.0.1:PORT`); tests pass it as RAY_ADDRESS. Each node has 2 logical CPUs so
+    two single-CPU workers can be placed one per node (STRICT_SPREAD) or both on one.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="vgg-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    port, dashboard = free_port(), free_port()
+    head = _ray_start(
+        ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard), "--num-cpus", "2", "--temp-dir", str(temp)],
+        temp / "head.log",
+    )
+    groups = [head.pid]
+    try:
+        node = _ray_start(
+            ["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "2"],
+            temp / "node.log",
+        )
+        groups.append(node.pid)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp": temp}
+    finally:
+        for pgid in reversed(groups):
+            stop_ray_group(pgid)
+        shutil.rmtree(temp, ignore_errors=True)
