@@ -4,6 +4,7 @@ exactly, runs under DDP and bf16, and resumes bit-identically — also after a r
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import signal
@@ -187,8 +188,7 @@ def test_schedule_patience_zero_acts_as_one_and_state_round_trips() -> None:
     assert resumed.state_dict() == zero.state_dict() and resumed.lr == zero.lr
 
 
-def _save_state(state: dict) -> Any:
-    import io
+def _save_state(state: dict) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -420,8 +420,10 @@ def test_ddp_with_accumulation_matches_one_process(tmp_path: Path) -> None:
     validation errors are all-reduced so each rank reports the global ones."""
     out = tmp_path / "ddp.pt"
     script = _RANK.format(tests=str(ROOT / "tests"), store=str(tmp_path / "store"), out=str(out))
-    ranks = [subprocess.Popen([sys.executable, "-c", script, str(rank)], cwd=ROOT, env=CHILD_ENV, stderr=subprocess.PIPE)
-             for rank in (0, 1)]
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", script, str(rank)], cwd=ROOT, env=CHILD_ENV, stderr=subprocess.PIPE)
+        for rank in (0, 1)
+    ]
     for process in ranks:
         _, err = process.communicate(timeout=240)
         assert process.returncode == 0, err.decode()[-3000:]

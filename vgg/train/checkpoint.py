@@ -54,14 +54,21 @@ def save(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
     """
     path = Path(path)
     if payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint payload for {path} has format {payload.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(
+            f"checkpoint payload for {path} has format {payload.get('format')!r}, expected {FORMAT!r}; "
+            "build it with vgg.train.checkpoint.header"
+        )
     _check_plain(payload, "payload")
     if not path.parent.is_dir():
-        raise CheckpointError(f"cannot write checkpoint {path}: directory {path.parent} does not exist; create it first")
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: directory {path.parent} does not exist; create it first"
+        )
     try:
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
-        raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror}; check the directory's permissions") from error
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {error.strerror}; check the directory's permissions"
+        ) from error
     stream = os.fdopen(fd, "wb")
     sink = _Sink(stream)
     try:
@@ -92,7 +99,9 @@ def load(
     """Read a checkpoint with `weights_only=True` and check it is ours (and of `expect_config`, when given)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; check the path or train one first (`vgg train ... --out {path}`)")
+        raise CheckpointError(
+            f"no checkpoint at {path}; check the path or train one first (`vgg train ... --out {path}`)"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:

@@ -71,7 +71,7 @@ class _Progress:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD with momentum 0.9 and weight decay 5e-4 on every parameter (§3.1), one group, fused kernel (CPU and CUDA)."""
+    """SGD with momentum 0.9 and weight decay 5e-4 on every parameter (§3.1), one group, fused kernel (CPU, CUDA)."""
     return torch.optim.SGD(
         model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
     )
@@ -133,7 +133,8 @@ def fit(
         "steps_per_epoch": steps_per_epoch,
     }
     if resume is not None:
-        _restore(resume, identity=identity, header=header, rank=rank, core=core, optimizer=optimizer, schedule=schedule, state=state)
+        _restore(resume, identity=identity, header=header, rank=rank, core=core, optimizer=optimizer,
+                 schedule=schedule, state=state)
     step_model = torch.compile(model) if config.compile else model
 
     def payload(loss_sum: float, images: int) -> dict[str, Any]:
@@ -181,6 +182,7 @@ def fit(
                 hooks.on_checkpoint(payload(*_sum_over_ranks(state.loss_sum, state.images)))
         bar.close()
         loss_sum, images = _sum_over_ranks(state.loss_sum, state.images)  # the epoch's one host sync
+        # All ranks' images over this rank's wall time, data loading and mid-epoch checkpoints included.
         images_per_s = timed_images * world / (time.perf_counter() - started)
         model.eval()
         top1_err, top5_err = validate(core)
