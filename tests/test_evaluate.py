@@ -1,0 +1,379 @@
+"""Evaluation (§3.2): views, dense ≡ crop classifier, multi-crop, multi-scale, fusion, metrics, model loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from vgg.config import ModelConfig, ScaleRange
+from vgg.data.loader import Preprocess, read_stats
+from vgg.data.transforms import decode_rgb
+from vgg.errors import CheckpointError, ConfigError, DataError
+from vgg.evaluate import (
+    Posteriors,
+    at_scale,
+    checkpoint_meta,
+    compute_posteriors,
+    dense_views,
+    errors,
+    fuse,
+    grid_positions,
+    load_model,
+    multicrop_views,
+    scale_meta,
+    score_samples,
+    top_k_error,
+)
+from vgg.models import build
+from vgg.train import checkpoint
+
+CROP, CLASSES = 32, 10
+WNIDS = [f"n{i:08d}" for i in range(CLASSES)]
+
+
+def tiny_model(name: str = "A", *, classes: int = CLASSES) -> torch.nn.Module:
+    # Glorot init (all layers): logits differ clearly between images, so the comparisons below are not trivial.
+    generator = torch.Generator().manual_seed(0)
+    return build(name, crop=CROP, width=0.125, fc_width=64, num_classes=classes, init="glorot", generator=generator).eval()
+
+
+def jpeg(width: int, height: int, *, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    # Smooth gradients plus noise: JPEG keeps them close, and every position differs.
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 / width, y * 255 / height, rng.uniform(0, 255, (height, width))], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_shards(root, images: dict[str, list[tuple[int, int, int]]]) -> None:
+    """A shard directory per the on-disk contract (BRIEF): index.json, stats.json, WebDataset tars.
+
+    `images`: split → [(width, height, label)], one shard per split."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, specs in images.items():
+        shards = []
+        if specs:
+            name = f"{split}-000000.tar"
+            with tarfile.open(root / name, "w") as tar:
+                for i, (width, height, label) in enumerate(specs):
+                    key = f"{split}_{i:05d}"
+                    members = {
+                        "jpg": jpeg(width, height, seed=i),
+                        "cls": str(label).encode(),
+                        "json": json.dumps({"wnid": WNIDS[label], "source": f"{key}.JPEG", "size": [width, height]}).encode(),
+                    }
+                    for extension, data in members.items():
+                        info = tarfile.TarInfo(f"{key}.{extension}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+            shards.append({"file": name, "count": len(specs), "sha256": digest})
+        splits[split] = {"count": len(specs), "shards": shards}
+    index = {
+        "format": 1, "classes": WNIDS, "names": WNIDS, "max_side": 512, "source": {"kind": "test"},
+        "splits": splits, "converted": [], "skipped": [],
+    }  # fmt: skip
+    (root / "index.json").write_text(json.dumps(index))
+    stats = {"count": 1, "mean_rgb": [120.0, 110.0, 100.0], "eigval": [3.0, 2.0, 1.0], "eigvec": np.eye(3).tolist()}
+    (root / "stats.json").write_text(json.dumps(stats))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    sizes = [(40, 32, 3), (45, 60, 1), (40, 32, 7), (50, 50, 0), (33, 47, 9)]  # repeated 40×32: a dense bucket
+    write_shards(root, {"train": [], "val": sizes})
+    return root
+
+
+@pytest.fixture(scope="module")
+def preprocess(shards):
+    return Preprocess(read_stats(shards))
+
+
+def samples_of(images: list[bytes]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(key=f"k{i}", jpeg=data, label=i % CLASSES) for i, data in enumerate(images)]
+
+
+def softmax_dense(model, preprocess, image: torch.Tensor) -> torch.Tensor:
+    """The paper's dense posterior of one image [3, H, W], computed directly: score map → mean → softmax, ± flip."""
+    with torch.no_grad():
+        maps = model.score_map(preprocess(dense_views(image)))
+        return torch.softmax(maps.mean(dim=(2, 3)), dim=1).mean(dim=0)
+
+
+def softmax_crops(model, preprocess, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(preprocess(multicrop_views(image, crop=CROP, grid=5))), dim=1).mean(dim=0)
+
+
+# Views -------------------------------------------------------------------------------------------------------
+
+
+def test_multicrop_geometry_corners_centre_and_flips():
+    image = torch.randint(0, 256, (3, 45, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    views = multicrop_views(image, crop=CROP, grid=5)
+    assert views.shape == (50, 3, CROP, CROP) and views.dtype == torch.uint8
+    assert grid_positions(70, crop=CROP, grid=5) == [0, 9, 19, 28, 38]  # evenly spaced, ends included
+    h, w = 45 - CROP, 70 - CROP
+    expected = {
+        0: image[:, :CROP, :CROP],  # top-left
+        4: image[:, :CROP, w:],  # top-right
+        20: image[:, h:, :CROP],  # bottom-left
+        24: image[:, h:, w:],  # bottom-right
+        12: image[:, h // 2 : h // 2 + CROP, w // 2 : w // 2 + CROP],  # centre
+        7: image[:, 3 : 3 + CROP, 19 : 19 + CROP],  # row 1 (top ⌊13·1/4⌋ = 3), column 2 (left ⌊38·2/4⌋ = 19)
+    }
+    for index, crop in expected.items():
+        assert torch.equal(views[index], crop), index
+    for index in range(25):
+        assert torch.equal(views[25 + index], views[index].flip(-1))  # mirror images, same order
+    assert not torch.equal(views[25], views[0])
+
+
+def test_dense_views_are_the_image_and_its_mirror():
+    image = torch.randint(0, 256, (3, 33, 41), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    views = dense_views(image)
+    assert views.shape == (2, 3, 33, 41)
+    assert torch.equal(views[0], image)
+    assert torch.equal(views[1][:, :, 0], image[:, :, -1]) and torch.equal(views[1].flip(-1), image)
+
+
+def test_crop_larger_than_the_image_is_a_config_error():
+    with pytest.raises(ConfigError, match="Q >= crop"):
+        grid_positions(30, crop=CROP, grid=5)
+
+
+def test_at_scale_rescales_the_smallest_side_to_q():
+    image = decode_rgb(jpeg(60, 45, seed=0), min_side=None)
+    assert at_scale(image, q=36).shape == (3, 36, 48)
+
+
+# Posteriors ---------------------------------------------------------------------------------------------------
+
+
+def test_dense_at_q_equal_crop_is_the_crop_classifier(preprocess):
+    """On a crop-sized image at Q = crop the score map is 1×1: dense evaluation = the FC classifier (§3.2)."""
+    model = tiny_model()
+    data = jpeg(CROP, CROP, seed=3)
+    image = at_scale(decode_rgb(data, min_side=CROP), q=CROP)
+    with torch.no_grad():
+        classifier = torch.softmax(model(preprocess(dense_views(image))), dim=1).mean(dim=0)
+    for mode in ("dense", "multicrop"):  # multi-crop too: all 25 crops are the whole image
+        result = score_samples(model, samples_of([data]), mode=mode, scales=[CROP], preprocess=preprocess, batch_size=4)
+        assert result.probs.shape == (1, CLASSES)
+        np.testing.assert_allclose(result.probs[0], classifier.numpy(), rtol=1e-5, atol=1e-6)
+    assert classifier.max() > 0.2  # a real, non-uniform posterior
+
+
+def test_batched_dense_and_multicrop_match_per_image_computation(preprocess):
+    """Bucketing images by size and batching crops across images does not mix up whose view is whose."""
+    model = tiny_model()
+    images = [jpeg(w, h, seed=i) for i, (w, h) in enumerate([(40, 32), (45, 60), (40, 32), (33, 47)])]
+    q = 36
+    views = [at_scale(decode_rgb(data, min_side=q), q=q) for data in images]
+    dense = score_samples(model, samples_of(images), mode="dense", scales=[q], preprocess=preprocess, batch_size=3)
+    crops = score_samples(model, samples_of(images), mode="multicrop", scales=[q], preprocess=preprocess, batch_size=7)
+    for i, view in enumerate(views):
+        np.testing.assert_allclose(dense.probs[i], softmax_dense(model, preprocess, view).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(crops.probs[i], softmax_crops(model, preprocess, view).numpy(), rtol=1e-5, atol=1e-6)
+    assert dense.keys == [f"k{i}" for i in range(4)] and list(dense.labels) == list(range(4))
+    both = score_samples(model, samples_of(images), mode="dense+multicrop", scales=[q], preprocess=preprocess, batch_size=5, workers=2)
+    np.testing.assert_allclose(both.probs, (dense.probs + crops.probs) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(dense.probs, crops.probs)  # the two modes really differ on non-square images
+
+
+def test_multi_scale_is_the_mean_of_single_scales(preprocess):
+    model = tiny_model()
+    # Smallest sides < 2·32: the JPEG draft decode is the same whatever the smallest Q (no DCT downscale).
+    samples = samples_of([jpeg(w, h, seed=i) for i, (w, h) in enumerate([(40, 33), (50, 60), (35, 35)])])
+    options = dict(mode="dense+multicrop", preprocess=preprocess, batch_size=16)
+    multi = score_samples(model, samples, scales=[32, 40, 48], **options)
+    singles = [score_samples(model, samples, scales=[q], **options).probs for q in (32, 40, 48)]
+    np.testing.assert_allclose(multi.probs, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(multi.probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert multi.meta["scales"] == [32, 40, 48] and multi.meta["mode"] == "dense+multicrop"
+
+
+def test_bf16_autocast_stays_close_to_fp32(preprocess):
+    model = tiny_model()
+    samples = samples_of([jpeg(40, 36, seed=i) for i in range(2)])
+    fp32 = score_samples(model, samples, mode="dense+multicrop", scales=[32], preprocess=preprocess)
+    bf16 = score_samples(model, samples, mode="dense+multicrop", scales=[32], preprocess=preprocess, precision="bf16")
+    assert bf16.meta["precision"] == "bf16" and fp32.meta["precision"] == "fp32"
+    assert bf16.probs.dtype == np.float32
+    np.testing.assert_allclose(bf16.probs, fp32.probs, atol=0.03)
+    assert not np.array_equal(bf16.probs, fp32.probs)  # autocast really ran in bf16
+
+
+def test_compute_posteriors_over_shards_saves_and_loads(shards, tmp_path):
+    model = tiny_model()
+    result = compute_posteriors(
+        model, shards, "val", mode="dense", scales=[32, 40], batch_size=4, progress=True,
+        meta={"train_scale": scale_meta(ScaleRange(32, 48), kind="jitter")},
+    )  # fmt: skip
+    assert result.keys == [f"val_{i:05d}" for i in range(5)]
+    assert list(result.labels) == [3, 1, 7, 0, 9]
+    assert result.meta["config"] == "A" and result.meta["split"] == "val"
+    assert result.meta["train_scale"] == {"label": "32-48", "s_min": 32, "s_max": 48, "kind": "jitter"}
+    path = result.save(tmp_path / "sub" / "A.npz")
+    loaded = Posteriors.load(path)
+    assert loaded.keys == result.keys and loaded.meta == result.meta
+    np.testing.assert_array_equal(loaded.probs, result.probs)
+    np.testing.assert_array_equal(loaded.labels, result.labels)
+    assert loaded.probs.dtype == np.float32 and loaded.labels.dtype == np.int64
+    assert [p.name for p in path.parent.iterdir()] == ["A.npz"]  # no temporary file left behind
+
+
+def test_bad_evaluation_input_is_a_one_line_error(shards, tmp_path):
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="Q=24 px is smaller than the crop"):
+        compute_posteriors(model, shards, "val", mode="dense", scales=[24, 32])
+    with pytest.raises(ConfigError, match="unknown evaluation mode 'tencrop'"):
+        compute_posteriors(model, shards, "val", mode="tencrop", scales=[32])
+    with pytest.raises(DataError, match="'train' has no images"):
+        compute_posteriors(model, shards, "train", mode="dense", scales=[32])
+    with pytest.raises(ConfigError, match="crop: 64 px, but VGG-A was built for 32 px crops"):
+        compute_posteriors(model, shards, "val", mode="multicrop", scales=[64], crop=64)
+    with pytest.raises(DataError, match="model has 3 classes but the shards have 10"):
+        compute_posteriors(tiny_model(classes=3), shards, "val", mode="dense", scales=[32])
+    with pytest.raises(DataError, match="posteriors file not found"):
+        Posteriors.load(tmp_path / "missing.npz")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match=r"corrupt\.npz: not a readable posteriors file"):
+        Posteriors.load(tmp_path / "corrupt.npz")
+
+
+# Fusion -------------------------------------------------------------------------------------------------------
+
+
+def posteriors(probs, *, keys=None, config="D", labels=None) -> Posteriors:
+    probs = np.asarray(probs, dtype=np.float32)
+    keys = keys or [f"k{i}" for i in range(len(probs))]
+    labels = np.zeros(len(probs), dtype=np.int64) if labels is None else labels
+    return Posteriors(keys=keys, labels=labels, probs=probs, meta={"config": config, "models": [config], "mode": "dense"})
+
+
+def test_fusion_is_the_mean_of_posteriors():
+    a = posteriors([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], config="D")
+    b = posteriors([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4]], config="E")
+    fused = fuse([a, b])
+    np.testing.assert_allclose(fused.probs, [[0.4, 0.4, 0.2], [0.2, 0.2, 0.6]], rtol=1e-6)
+    assert fused.meta["models"] == ["D", "E"] and fused.meta["config"] == "D+E" and fused.meta["mode"] == "dense"
+    itself = fuse([a, a])
+    np.testing.assert_array_equal(itself.probs, a.probs)
+    assert itself.keys == a.keys
+
+
+def test_fusion_of_a_model_with_itself_is_the_model(preprocess):
+    model = tiny_model()
+    samples = samples_of([jpeg(40, 36, seed=i) for i in range(3)])
+    single = score_samples(model, samples, mode="multicrop", scales=[32], preprocess=preprocess)
+    fused = fuse([single, single])
+    np.testing.assert_allclose(fused.probs, single.probs, rtol=1e-6)
+    assert errors(fused) == errors(single)
+
+
+def test_fusion_of_mismatched_posteriors_names_the_files(tmp_path):
+    a = posteriors([[0.5, 0.5], [0.2, 0.8]], keys=["x", "y"])
+    b = posteriors([[0.5, 0.5], [0.2, 0.8]], keys=["x", "z"])
+    a.save(tmp_path / "a.npz")
+    b.save(tmp_path / "b.npz")
+    with pytest.raises(DataError, match=r"a\.npz and .*b\.npz are not over the same images .*#1: 'y' vs 'z'"):
+        fuse([Posteriors.load(tmp_path / "a.npz"), Posteriors.load(tmp_path / "b.npz")])
+    with pytest.raises(DataError, match="2 vs 1 images"):
+        fuse([a, posteriors([[0.5, 0.5]], keys=["x"])])
+    with pytest.raises(DataError, match="probs"):
+        fuse([a, posteriors([[0.5, 0.3, 0.2], [0.2, 0.4, 0.4]], keys=["x", "y"])])
+    with pytest.raises(DataError, match="no posteriors"):
+        fuse([])
+
+
+# Metrics ------------------------------------------------------------------------------------------------------
+
+
+def test_top_k_error_on_hand_made_posteriors():
+    probs = np.array(
+        [
+            [0.50, 0.20, 0.10, 0.10, 0.05, 0.03, 0.02],  # label 0: top-1 hit
+            [0.50, 0.20, 0.10, 0.10, 0.05, 0.03, 0.02],  # label 1: 2nd → top-1 miss, top-5 hit
+            [0.50, 0.20, 0.10, 0.10, 0.05, 0.03, 0.02],  # label 6: 7th → top-5 miss
+            [0.02, 0.03, 0.05, 0.10, 0.10, 0.20, 0.50],  # label 4: 4th (ties 0.10 with class 3, lower index first)
+        ]
+    )
+    labels = np.array([0, 1, 6, 4])
+    assert top_k_error(probs, labels, 1) == 75.0
+    assert top_k_error(probs, labels, 3) == 50.0  # label 4 is 4th: class 3 wins the tie
+    assert top_k_error(probs, labels, 5) == 25.0
+    assert top_k_error(probs, labels, 7) == 0.0
+
+
+def test_ties_are_broken_by_class_index():
+    uniform = np.full((3, 10), 0.1)
+    labels = np.array([0, 4, 5])
+    assert top_k_error(uniform, labels, 1) == pytest.approx(100 * 2 / 3)  # only class 0 is first
+    assert top_k_error(uniform, labels, 5) == pytest.approx(100 / 3)  # classes 0..4 are the top 5
+    with pytest.raises(DataError, match="k must be in"):
+        top_k_error(uniform, labels, 11)
+
+
+def test_errors_reports_top1_and_top5():
+    probs = np.eye(6)[[0, 1, 2, 3]] * 0.5 + 0.5 / 6
+    p = posteriors(probs, labels=np.array([0, 1, 4, 3]))  # #2: class 4 is 5th (after 2, then 0, 1, 3 by index)
+    assert errors(p) == {"top1_err": 25.0, "top5_err": 0.0}
+
+
+# Model loading ------------------------------------------------------------------------------------------------
+
+
+def test_torchvision_vgg11_weights_load_as_config_a(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.vgg11(weights=None).eval()
+    path = tmp_path / "vgg11.pth"
+    torch.save(reference.state_dict(), path)
+    model = load_model(path, name="A")
+    assert model.name == "A" and model.crop == 224 and model.num_classes == 1000 and not model.training
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(x)
+        np.testing.assert_allclose(model(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+        # Dense evaluation of a 224 image is the same classifier (the FC ≡ conv identity at full size).
+        np.testing.assert_allclose(model.score_map(x)[:, :, 0, 0].numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(CheckpointError, match="looks like torchvision VGG weights"):
+        load_model(path)
+
+
+def test_our_checkpoint_loads_with_its_own_model_config(tmp_path):
+    trained = tiny_model("C")
+    config = ModelConfig(num_classes=CLASSES, width=0.125, fc_width=64, crop=CROP, dropout=0.5, lrn="alexnet",
+                         init="kaiming", init_std=0.01)  # fmt: skip
+    payload = {
+        "format": checkpoint.FORMAT, "config": "C", "model_config": dataclasses.asdict(config),
+        "model": trained.state_dict(), "scale": {"s_min": 56, "s_max": 56},
+        "profile": {"scales": {"low": {"s_min": 40, "s_max": 40}, "high": {"s_min": 56, "s_max": 56},
+                               "jitter": {"s_min": 40, "s_max": 72}}},
+    }  # fmt: skip
+    path = tmp_path / "C.pt"
+    checkpoint.save(path, payload)
+    model = load_model(path, model_config=config)
+    x = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x))
+    assert checkpoint_meta(path) == {"config": "C", "train_scale": {"label": "56", "s_min": 56, "s_max": 56, "kind": "high"}}
+    with pytest.raises(CheckpointError, match="model.crop=32 but the profile says 224"):
+        load_model(path, model_config=dataclasses.replace(config, crop=224))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.pt")

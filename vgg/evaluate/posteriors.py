@@ -1,0 +1,503 @@
+"""Testing (§3.2): run a model over a split and keep every image's softmax class posterior.
+
+Per image and per test scale Q (smallest side after an isotropic rescale):
+- dense: the whole image goes through the fully-convolutional net (`VGG.score_map`), the class score map
+  is averaged spatially, softmax; the same for the horizontally flipped image, and the two posteriors averaged;
+- multi-crop: softmax of each of the grid² crops and their flips (50 for the paper's 5 × 5 grid), averaged;
+- dense+multi-crop: the average of the two posteriors.
+Multi-scale testing averages the posteriors over the Q set; fusion (`fuse`) averages several models'.
+
+Posteriors are saved as `.npz` (the team contract): `keys` (str [N]), `labels` (int64 [N]), `probs`
+(float32 [N, C]) and `meta` (a JSON string: how they were made; `vgg.report` reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vgg.config import ModelConfig, ScaleRange, from_mapping
+from vgg.data.loader import Preprocess, iter_samples, read_index, read_stats
+from vgg.data.transforms import decode_rgb
+from vgg.errors import CheckpointError, ConfigError, DataError
+from vgg.evaluate.views import at_scale, dense_views, multicrop_views
+from vgg.models import VGG, from_torchvision
+from vgg.models.convert import TORCHVISION_CROP
+from vgg.train import checkpoint
+
+Mode = Literal["dense", "multicrop", "dense+multicrop"]
+MODES: tuple[str, ...] = ("dense", "multicrop", "dense+multicrop")
+Precision = Literal["auto", "fp32", "bf16"]
+
+# Dense evaluation buffers images of several sizes until a size has a full batch; past this many pending
+# views (× batch_size) the fullest size is run anyway, which bounds memory when sizes rarely repeat.
+_PENDING_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class Posteriors:
+    """Per-image class posteriors of one evaluation (or a fusion), in the split's index order."""
+
+    keys: list[str]
+    labels: np.ndarray  # int64 [N], class index in sorted-WNID order
+    probs: np.ndarray  # float32 [N, C], rows sum to 1
+    meta: dict[str, Any]  # JSON-serialisable description: config, train_scale, mode, scales, models, ...
+    source: str = field(default="", compare=False)  # the file it was loaded from, for error messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", [str(key) for key in self.keys])
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
+        object.__setattr__(self, "probs", np.asarray(self.probs, dtype=np.float32))
+        where = self.source or "posteriors"
+        if self.probs.ndim != 2 or self.labels.shape != (len(self.keys),) or self.probs.shape[0] != len(self.keys):
+            raise DataError(
+                f"{where}: inconsistent shapes: {len(self.keys)} keys, labels {self.labels.shape}, "
+                f"probs {self.probs.shape} (expected [N], [N], [N, C])"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the `.npz` atomically (temporary file in the same directory, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(
+                    file,
+                    keys=np.asarray(self.keys, dtype=str),
+                    labels=self.labels,
+                    probs=self.probs,
+                    meta=np.asarray(json.dumps(self.meta, sort_keys=True)),
+                )
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Posteriors:
+        """Read a file written by `save`; `DataError` naming the file if it is missing or corrupt."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: posteriors file not found; create it with `vgg evaluate ... --out {path}`")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                keys, labels, probs = data["keys"].tolist(), data["labels"], data["probs"]
+                meta = json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise DataError(
+                f"{path}: not a readable posteriors file ({type(error).__name__}: {error}); "
+                "re-create it with `vgg evaluate`"
+            ) from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}: its meta is not a JSON object; re-create it with `vgg evaluate`")
+        return cls(keys=keys, labels=labels, probs=probs, meta=meta, source=str(path))
+
+
+def scale_meta(scale: ScaleRange, *, kind: Literal["low", "high", "jitter"] | None = None) -> dict[str, Any]:
+    """The `train_scale` entry of the meta `vgg.report` reads: the training S and, if known, its kind.
+
+    `kind` is the profile's name for it (`low`, `high`, `jitter`): the report lines our rows up with the
+    paper's by kind, so the small profile's S=40 sits beside the paper's S=256. Without it the report infers
+    the kind (jittered if s_min < s_max; the smallest fixed S seen is `low`, larger ones `high`).
+    """
+    entry: dict[str, Any] = {"label": scale.label(), "s_min": scale.s_min, "s_max": scale.s_max}
+    if kind is not None:
+        entry["kind"] = kind
+    return entry
+
+
+def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The meta entries a checkpoint determines: `config` and `train_scale` (with its kind, found by matching
+    the checkpoint's S against the scales of the profile it was trained with). Pass as `meta=` to
+    `compute_posteriors`, so the report can place the result."""
+    payload = checkpoint.load(path)
+    scale = ScaleRange(**payload["scale"])
+    profile_scales = payload.get("profile", {}).get("scales", {})
+    kinds = [kind for kind, entry in profile_scales.items() if ScaleRange(**entry) == scale]
+    return {"config": payload["config"], "train_scale": scale_meta(scale, kind=kinds[0] if kinds else None)}
+
+
+class _Sample(Protocol):
+    """What evaluation needs of `vgg.data.loader.Sample`."""
+
+    key: str
+    jpeg: bytes
+    label: int
+
+
+def compute_posteriors(
+    model: VGG,
+    shards_dir: str | os.PathLike[str],
+    split: str,
+    *,
+    mode: Mode,
+    scales: Sequence[int],
+    crop: int | None = None,
+    grid: int = 5,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+    progress: bool = False,
+    workers: int = 0,
+    preprocess: nn.Module | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Posteriors:
+    """Posteriors of `model` on every image of `split` in the shards at `shards_dir` (§3.2).
+
+    `scales`: the test scales Q, px (one for single-scale, e.g. `ScaleRange.single_q`; three for
+    multi-scale, `ScaleRange.multi_q`). `crop` (default: the model's) must equal the model's crop.
+    `batch_size`: views per forward pass — crops (multi-crop) or same-sized whole images (dense; an image
+    and its flip count as two). `workers`: threads that decode and rescale ahead of the model (0 = inline).
+    `preprocess`: uint8 → float input transform; default `Preprocess(read_stats(shards_dir))` (the
+    training set's mean RGB subtracted, §2.1; no colour shift). torchvision's weights expect their own
+    normalisation: pass `TorchvisionNormalize()`. `meta`: entries added to the result's meta (e.g.
+    `train_scale=scale_meta(...)`, which the report needs).
+    """
+    index = read_index(shards_dir)
+    count = index.split(split).count
+    if count == 0:
+        raise DataError(f"{shards_dir}: split {split!r} has no images; re-run `vgg ingest` with data for it")
+    if model.num_classes != len(index.classes):
+        raise DataError(
+            f"{shards_dir}: the model has {model.num_classes} classes but the shards have {len(index.classes)}; "
+            "evaluate a checkpoint trained on these shards' classes"
+        )
+    if preprocess is None:
+        preprocess = Preprocess(read_stats(shards_dir))
+    return score_samples(
+        model,
+        iter_samples(shards_dir, split),
+        mode=mode,
+        scales=scales,
+        crop=crop,
+        grid=grid,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+        workers=workers,
+        preprocess=preprocess,
+        total=count,
+        meta={"split": split, **(meta or {})},
+    )
+
+
+def score_samples(
+    model: VGG,
+    samples: Iterable[_Sample],
+    *,
+    mode: Mode,
+    scales: Sequence[int],
+    preprocess: nn.Module,
+    crop: int | None = None,
+    grid: int = 5,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+    progress: bool = False,
+    workers: int = 0,
+    total: int | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Posteriors:
+    """`compute_posteriors` on any iterable of samples (`key`, `jpeg`, `label`): the engine behind it."""
+    scales = [int(q) for q in scales]
+    crop = model.crop if crop is None else crop
+    _check_options(model, mode=mode, scales=scales, crop=crop, grid=grid, batch_size=batch_size, workers=workers)
+    device = torch.device(device)
+    bf16 = _resolve_precision(precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    keys: list[str] = []
+    labels: list[int] = []
+    dense = _Accumulator(model.num_classes) if mode != "multicrop" else None
+    crops = _Accumulator(model.num_classes) if mode != "dense" else None
+    was_training = model.training
+    model.to(device).eval()
+    preprocess = preprocess.to(device)
+
+    def probabilities(views: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        with autocast:
+            scores = score(preprocess(views.to(device, non_blocking=True)))
+        return torch.softmax(scores.float(), dim=1).cpu()
+
+    def dense_scores(x: torch.Tensor) -> torch.Tensor:
+        return model.score_map(x).float().mean(dim=(2, 3))  # spatial average of the class score map (§3.2)
+
+    try:
+        with torch.inference_mode(), tqdm(total=total, unit="img", disable=not progress, desc=mode) as bar:
+            for index, (sample, images) in enumerate(_decoded(samples, scales=scales, workers=workers)):
+                keys.append(sample.key)
+                labels.append(int(sample.label))
+                for image in images:
+                    if dense is not None:
+                        dense.add(index, dense_views(image))
+                        dense.run_full(batch_size, lambda v: probabilities(v, dense_scores))
+                    if crops is not None:
+                        crops.add(index, multicrop_views(image, crop=crop, grid=grid))
+                        crops.run_full(batch_size, lambda v: probabilities(v, model))
+                bar.update(1)
+            if dense is not None:
+                dense.run_all(batch_size, lambda v: probabilities(v, dense_scores))
+            if crops is not None:
+                crops.run_all(batch_size, lambda v: probabilities(v, model))
+    finally:
+        model.train(was_training)
+
+    if not keys:
+        raise DataError("evaluation: no images to evaluate (the split is empty)")
+    # Every image has the same number of views at every scale, so the mean over all its views is the mean
+    # over scales of the per-scale means (multi-scale: posteriors averaged over Q, §3.2).
+    parts = [acc.mean(len(keys)) for acc in (dense, crops) if acc is not None]
+    probs = sum(parts[1:], parts[0]) / len(parts)  # dense+multi-crop: the average of the two (§3.2)
+    info: dict[str, Any] = {
+        "config": model.name,
+        "models": [model.name],
+        "mode": mode,
+        "scales": scales,
+        "crop": crop,
+        "grid": grid,
+        "precision": "bf16" if bf16 else "fp32",
+        "num_classes": model.num_classes,
+    }
+    return Posteriors(keys=keys, labels=np.asarray(labels), probs=probs.numpy(), meta={**info, **(meta or {})})
+
+
+def fuse(posteriors: Sequence[Posteriors]) -> Posteriors:
+    """Multiple-model fusion (§4.4): the mean of the models' posteriors over the same images.
+
+    Keys, labels and shapes must be identical (same split, same order); else `DataError` naming the inputs
+    and the first mismatch. Meta: `models` lists the contributing configurations, `config` joins them with
+    "+" (e.g. "D+E"); `mode`, `scales`, `train_scale`, ... are kept where all inputs agree.
+    """
+    if not posteriors:
+        raise DataError("fuse: no posteriors given; pass two or more files")
+    first = posteriors[0]
+    names = [p.source or f"input #{i + 1}" for i, p in enumerate(posteriors)]
+    for name, other in zip(names[1:], posteriors[1:]):
+        if other.keys != first.keys:
+            if len(other.keys) != len(first.keys):
+                detail = f"{len(first.keys)} vs {len(other.keys)} images"
+            else:
+                at = next(i for i, (a, b) in enumerate(zip(first.keys, other.keys)) if a != b)
+                detail = f"first mismatch at #{at}: {first.keys[at]!r} vs {other.keys[at]!r}"
+            raise DataError(f"fuse: {names[0]} and {name} are not over the same images ({detail}); evaluate both on the same split")
+        if other.probs.shape != first.probs.shape:
+            raise DataError(f"fuse: {names[0]} has probs {first.probs.shape} but {name} has {other.probs.shape}")
+        if not np.array_equal(other.labels, first.labels):
+            at = int(np.flatnonzero(other.labels != first.labels)[0])
+            raise DataError(f"fuse: {names[0]} and {name} disagree on the label of {first.keys[at]!r}; use the same shards")
+    probs = np.mean(np.stack([p.probs.astype(np.float64) for p in posteriors]), axis=0)
+    models = [model for p in posteriors for model in p.meta.get("models", [p.meta.get("config", "?")])]
+    meta: dict[str, Any] = {"config": "+".join(models), "models": models, "fused": [p.meta for p in posteriors]}
+    for key in ("mode", "scales", "train_scale", "crop", "grid", "split", "num_classes"):
+        values = [p.meta.get(key) for p in posteriors]
+        if values[0] is not None and all(value == values[0] for value in values):
+            meta[key] = values[0]
+    return Posteriors(keys=first.keys, labels=first.labels, probs=probs, meta=meta)
+
+
+def load_model(
+    path: str | os.PathLike[str], *, name: str | None = None, model_config: ModelConfig | None = None
+) -> VGG:
+    """A model to evaluate, on the CPU, in eval mode: our checkpoint, or torchvision's VGG weights.
+
+    - Our checkpoint (`vgg train` output, `name` None): built from its own `model_config`.
+    - A torchvision vgg11/13/16/19 state_dict `.pth` (e.g. vgg16-397923af.pth): `name` is its configuration
+      A/B/D/E; classes and FC width from the weights (1000, 4096), crop 224. Its input normalisation is
+      torchvision's: evaluate it with `preprocess=TorchvisionNormalize()`.
+    A given `model_config` (e.g. the profile's) must agree with the weights on the shape (classes, widths, crop).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found; pass a `vgg train` checkpoint or torchvision weights")
+    if name is None:
+        try:
+            payload = checkpoint.load(path)
+        except CheckpointError:
+            if _is_torchvision_file(path):
+                raise CheckpointError(
+                    f"{path}: looks like torchvision VGG weights; say which configuration they are (name A/B/D/E)"
+                ) from None
+            raise
+        try:
+            config = from_mapping(ModelConfig, payload["model_config"], path="model_config")
+        except ConfigError as error:
+            raise CheckpointError(f"{path}: invalid checkpoint: {error}") from None
+        name, state = payload["config"], payload["model"]
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a foreign or truncated file
+            raise CheckpointError(f"{path}: cannot read torchvision weights ({type(error).__name__}); re-download it") from None
+        if not isinstance(state, Mapping) or "classifier.6.weight" not in state:
+            raise CheckpointError(f"{path}: not a torchvision VGG state_dict (no 'classifier.6.weight')")
+        state = from_torchvision(state, name)
+        config = ModelConfig(
+            num_classes=state["classifier.6.weight"].shape[0],
+            width=1.0,
+            fc_width=state["classifier.0.weight"].shape[0],
+            crop=TORCHVISION_CROP,  # torchvision's head sees 7×7×512, i.e. a 224 px input
+            dropout=0.5,
+            lrn="alexnet",
+            init="normal",
+            init_std=0.01,
+        )
+    if model_config is not None:
+        for key in ("num_classes", "width", "fc_width", "crop"):
+            if getattr(model_config, key) != getattr(config, key):
+                raise CheckpointError(
+                    f"{path}: the weights have model.{key}={getattr(config, key)} but the profile says "
+                    f"{getattr(model_config, key)}; use the profile they were trained with"
+                )
+    model = _assemble(name, state, config=config)
+    return model.eval()
+
+
+class TorchvisionNormalize(nn.Module):
+    """torchvision's ImageNet input normalisation for its pretrained weights: (x/255 − mean) / std per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+
+def _assemble(name: str, state: Mapping[str, torch.Tensor], *, config: ModelConfig) -> VGG:
+    with torch.device("meta"):  # no init: every weight comes from the file
+        model = VGG(
+            name,
+            num_classes=config.num_classes,
+            width=config.width,
+            fc_width=config.fc_width,
+            crop=config.crop,
+            dropout=config.dropout,
+            lrn=config.lrn,
+        )
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"weights do not fit VGG-{name} with {config}: {first}") from None
+    return model
+
+
+def _is_torchvision_file(path: Path) -> bool:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file at all: the checkpoint error stands
+        return False
+    return isinstance(state, Mapping) and "features.0.weight" in state and "format" not in state
+
+
+def _check_options(
+    model: VGG, *, mode: str, scales: Sequence[int], crop: int, grid: int, batch_size: int, workers: int
+) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode: unknown evaluation mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not scales:
+        raise ConfigError("scales: give at least one test scale Q")
+    if crop != model.crop:
+        raise ConfigError(f"crop: {crop} px, but VGG-{model.name} was built for {model.crop} px crops; use its crop")
+    if min(scales) < crop:
+        raise ConfigError(f"scales: test scale Q={min(scales)} px is smaller than the crop ({crop} px); use Q >= crop")
+    if grid < 1 or batch_size < 1 or workers < 0:
+        raise ConfigError(f"grid, batch_size must be >= 1 and workers >= 0; got {grid}, {batch_size}, {workers}")
+
+
+def _resolve_precision(precision: str, device: torch.device) -> bool:
+    """True for bf16 autocast. `auto`: bf16 on CUDA; fp32 on CPU, where bf16 shifts the posteriors for
+    little gain at evaluation batch sizes (measure with benchmarks/evaluation.py)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision: must be auto, fp32 or bf16, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _decoded(samples: Iterable[_Sample], *, scales: Sequence[int], workers: int) -> Iterator[tuple[_Sample, list[torch.Tensor]]]:
+    """Each sample with its image at every Q, decoded once (JPEG draft keeps the smallest side ≥ min Q)."""
+
+    def prepare(sample: _Sample) -> tuple[_Sample, list[torch.Tensor]]:
+        image = decode_rgb(sample.jpeg, min_side=min(scales))
+        return sample, [at_scale(image, q=q) for q in scales]
+
+    if workers == 0:
+        yield from map(prepare, samples)
+        return
+    # Decode and resize release the GIL (PIL), so threads overlap them with the model; keep a bounded
+    # window of futures in flight so memory does not grow with the split.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[tuple[_Sample, list[torch.Tensor]]]] = deque()
+        for sample in samples:
+            pending.append(pool.submit(prepare, sample))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _Accumulator:
+    """Views waiting for a forward pass, grouped by size, and the per-image sums of their posteriors."""
+
+    def __init__(self, classes: int) -> None:
+        self.sums = torch.zeros(0, classes, dtype=torch.float64)
+        self.views = torch.zeros(0, dtype=torch.long)  # views counted per image
+        self.pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        self.waiting = 0  # views in `pending`
+
+    def add(self, index: int, views: torch.Tensor) -> None:
+        self.pending[(views.shape[-2], views.shape[-1])].append((index, views))
+        self.waiting += views.shape[0]
+
+    def run_full(self, batch_size: int, probabilities: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Run every size with a full batch; if too much is waiting, also the size with the most views."""
+        for size in list(self.pending):
+            if sum(v.shape[0] for _, v in self.pending[size]) >= batch_size:
+                self._run(size, batch_size, probabilities)
+        if self.waiting > _PENDING_BATCHES * batch_size:
+            fullest = max(self.pending, key=lambda s: sum(v.shape[0] for _, v in self.pending[s]))
+            self._run(fullest, batch_size, probabilities)
+
+    def run_all(self, batch_size: int, probabilities: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for size in list(self.pending):
+            self._run(size, batch_size, probabilities)
+
+    def mean(self, count: int) -> torch.Tensor:
+        return (self.sums[:count] / self.views[:count, None]).float()
+
+    def _run(self, size: tuple[int, int], batch_size: int, probabilities: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        entries = self.pending.pop(size)
+        owners = torch.cat([torch.full((v.shape[0],), i, dtype=torch.long) for i, v in entries])
+        views = torch.cat([v for _, v in entries])
+        self.waiting -= views.shape[0]
+        self._grow(int(owners.max()) + 1)
+        for start in range(0, views.shape[0], batch_size):
+            probs = probabilities(views[start : start + batch_size])
+            who = owners[start : start + batch_size]
+            self.sums.index_add_(0, who, probs.double())
+            self.views.index_add_(0, who, torch.ones_like(who))
+
+    def _grow(self, count: int) -> None:
+        if count > self.sums.shape[0]:
+            extra = max(count, 2 * self.sums.shape[0]) - self.sums.shape[0]
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
+            self.views = torch.cat([self.views, self.views.new_zeros(extra)])
