@@ -328,6 +328,15 @@ def test_launcher_installs_the_project_and_shares_the_token() -> None:
     assert any("MLFLOW_TRACKING_URI" in c for c in config["worker_start_ray_commands"])
 
 
+def test_launcher_commands_are_valid_shell() -> None:
+    config = yaml.safe_load(LAUNCHER.read_text())
+    sections = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands")
+    for command in [c for section in sections for c in config[section]]:
+        result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+
+
 # --- the protocol entrypoint -----------------------------------------------------------------------------------
 
 
