@@ -1,0 +1,260 @@
+"""The reading side of the shard contract, on real JPEGs in real WebDataset tars (written with
+`webdataset.TarWriter`): index/stats parsing, rank × worker splitting, epoch seeding, exact mid-epoch resume,
+validation batches, `Preprocess`, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vgg.config import ScaleRange
+from vgg.data.loader import (
+    ALPHA_STD,
+    Batch,
+    ColourStats,
+    Preprocess,
+    batches_per_epoch,
+    iter_samples,
+    read_index,
+    read_stats,
+    train_batches,
+    val_batches,
+)
+from vgg.data.transforms import CentreCrop
+from vgg.errors import ConfigError, DataError
+
+SCALE = ScaleRange(40, 56)
+CROP = 32
+STATS = {
+    "count": 100,
+    "mean_rgb": [123.5, 116.25, 103.75],
+    "eigval": [60.0, 12.0, 3.0],
+    "eigvec": [[-0.58, -0.81, 0.05], [-0.58, 0.36, -0.73], [-0.57, 0.47, 0.68]],
+}
+
+
+def jpeg(seed: int) -> tuple[bytes, tuple[int, int]]:
+    """A small smooth RGB JPEG of varied size and aspect (smallest side 36–80 px)."""
+    rng = np.random.default_rng(seed)
+    short, long = int(rng.integers(36, 81)), int(rng.integers(80, 110))
+    size = (long, short) if seed % 2 else (short, long)
+    cells = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    image = Image.fromarray(cells).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue(), size
+
+
+def write_shards(root: Path, splits: dict[str, list[int]], *, classes: int | None = None) -> Path:
+    """A shards directory per the contract: split → shard sample counts. Sample i of a split (in index order)
+    has key `{split}_{i:05d}` and label i (so labels identify samples) unless `classes` is given (then i % classes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    total = max(sum(counts) for counts in splits.values())
+    classes = classes or total
+    index = {
+        "format": 1,
+        "classes": [f"n{i:08d}" for i in range(classes)],
+        "names": [f"class {i}" for i in range(classes)],
+        "max_side": 110,
+        "source": {"kind": "test"},
+        "splits": {},
+        "converted": [],
+        "skipped": [],
+    }
+    for split, counts in splits.items():
+        entries, i = [], 0
+        for number, count in enumerate(counts):
+            file = f"{split}-{number:06d}.tar"
+            with wds.TarWriter(str(root / file), mtime=0) as writer:
+                for _ in range(count):
+                    data, size = jpeg(hash((split, i)) % 10_000)
+                    label = i % classes
+                    writer.write({
+                        "__key__": f"{split}_{i:05d}",
+                        "jpg": data,
+                        "cls": str(label).encode(),
+                        "json": json.dumps({"wnid": f"n{label:08d}", "source": f"{split}_{i:05d}.JPEG", "size": list(size)}).encode(),
+                    })
+                    i += 1
+            digest = hashlib.sha256((root / file).read_bytes()).hexdigest()
+            entries.append({"file": file, "count": count, "sha256": digest})
+        index["splits"][split] = {"count": sum(counts), "shards": entries}
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "stats.json").write_text(json.dumps(STATS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    # 48 train samples in 5 uneven shards; 23 val samples in 3 shards.
+    return write_shards(tmp_path_factory.mktemp("shards"), {"train": [10, 7, 13, 8, 10], "val": [9, 9, 5]})
+
+
+def epoch(shards: Path, **overrides) -> list[Batch]:
+    args = dict(scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=0, epoch=0, seed=7)
+    args.update(overrides)
+    return list(train_batches(shards, **args))
+
+
+def by_label(batches: list[Batch]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {int(label): (batch.images[i], batch.colour[i]) for batch in batches for i, label in enumerate(batch.labels)}
+
+
+def test_index_stats_and_samples_follow_the_contract(shards):
+    index = read_index(shards, verify=True)
+    assert index.split("train").count == 48 and [s.count for s in index.split("train").shards] == [10, 7, 13, 8, 10]
+    assert index.split("val").shards[0].path == shards / "val-000000.tar"
+    assert index.classes[3] == "n00000003"
+    stats = read_stats(shards)
+    assert torch.equal(stats.mean_rgb, torch.tensor(STATS["mean_rgb"]))
+    assert stats.eigvec.shape == (3, 3) and stats.eigvec[1, 2].item() == pytest.approx(-0.73)
+    samples = list(iter_samples(shards, "val"))
+    assert [s.key for s in samples] == [f"val_{i:05d}" for i in range(23)]
+    assert [s.label for s in samples] == list(range(23))
+    first = samples[0]
+    assert Image.open(io.BytesIO(first.jpeg)).size == tuple(first.meta["size"])
+    assert first.meta["wnid"] == "n00000000"
+
+
+def test_every_sample_once_across_two_ranks_and_two_workers(shards):
+    ranks = [epoch(shards, rank=rank, world_size=2, workers=2) for rank in range(2)]
+    index = read_index(shards)
+    assert batches_per_epoch(index, batch_size=4, world_size=2) == 6
+    assert [len(batches) for batches in ranks] == [6, 6]
+    assert len(train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=1, world_size=2, workers=2, epoch=0, seed=7)) == 6
+    labels = [int(label) for batches in ranks for batch in batches for label in batch.labels]
+    assert sorted(labels) == list(range(48))  # 48 = 2 ranks × 6 batches × 4: every sample exactly once
+    batch = ranks[0][0]
+    assert batch.images.shape == (4, 3, CROP, CROP) and batch.images.dtype == torch.uint8
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.dtype == torch.int64 and batch.colour.shape == (4, 3) and batch.colour.dtype == torch.float32
+
+
+def test_indivisible_counts_give_equal_disjoint_ranks(shards):
+    # 48 samples over 3 ranks of 5-image batches: 16 per rank → 3 batches each; 1 sample per rank dropped.
+    ranks = [epoch(shards, rank=rank, world_size=3, workers=2, batch_size=5) for rank in range(3)]
+    assert [len(batches) for batches in ranks] == [3, 3, 3]
+    labels = [int(label) for batches in ranks for batch in batches for label in batch.labels]
+    assert len(labels) == len(set(labels)) == 45
+
+
+def test_augmentation_does_not_depend_on_the_layout(shards):
+    single = by_label(epoch(shards))
+    split = {}
+    for rank in range(2):
+        split.update(by_label(epoch(shards, rank=rank, world_size=2, workers=2)))
+    assert split.keys() == single.keys()
+    for label, (image, colour) in single.items():
+        assert torch.equal(split[label][0], image) and torch.equal(split[label][1], colour)
+
+
+def test_epochs_are_seeded(shards):
+    first, again = epoch(shards, workers=2, epoch=1), epoch(shards, workers=2, epoch=1)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.colour, b.colour)
+    other = epoch(shards, workers=2, epoch=2)
+    order = [int(label) for batch in first for label in batch.labels]
+    assert order != [int(label) for batch in other for label in batch.labels]
+    one, two = by_label(first), by_label(other)
+    assert not torch.equal(one[5][0], two[5][0]) and not torch.equal(one[5][1], two[5][1])
+    assert order != [int(label) for batch in epoch(shards, workers=2, epoch=1, seed=8) for label in batch.labels]
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_start_batch_resumes_exactly(shards, workers):
+    full = epoch(shards, workers=workers, epoch=3)
+    assert len(full) == 12
+    for start in (1, 5, 11, 12):
+        resumed = list(train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1,
+                                     workers=workers, epoch=3, seed=7, start_batch=start))
+        assert len(resumed) == 12 - start
+        for a, b in zip(full[start:], resumed, strict=True):
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.colour, b.colour)
+
+
+def test_colour_alpha_is_normal_with_std_0_1(tmp_path):
+    shards = write_shards(tmp_path / "many", {"train": [100, 100, 100, 100]}, classes=10)
+    alphas = torch.cat([batch.colour for batch in epoch(shards, batch_size=50)])
+    assert alphas.shape == (400, 3)
+    assert alphas.mean().abs() < 0.02 and abs(alphas.std().item() - ALPHA_STD) < 0.015
+
+
+def test_val_batches_cover_every_sample_once(shards):
+    ranks = [list(val_batches(shards, q=48, crop=CROP, batch_size=4, rank=rank, world_size=2, workers=2)) for rank in range(2)]
+    assert [len(b) for b in ranks] == [3, 3]  # 11 and 12 samples: 4+4+3 and 4+4+4
+    assert len(val_batches(shards, q=48, crop=CROP, batch_size=4, rank=0, world_size=2, workers=2)) == 3
+    labels = [int(label) for batches in ranks for batch in batches for label in batch.labels]
+    assert sorted(labels) == list(range(23))
+    expected = {s.label: CentreCrop(q=48, crop=CROP)(s.jpeg) for s in iter_samples(shards, "val")}
+    for batch in (b for batches in ranks for b in batches):
+        assert torch.count_nonzero(batch.colour) == 0
+        for image, label in zip(batch.images, batch.labels):
+            assert torch.equal(image, expected[int(label)])
+
+
+def test_preprocess_subtracts_the_mean_exactly_and_keeps_channels_last():
+    stats = ColourStats(mean_rgb=torch.tensor(STATS["mean_rgb"]), eigval=torch.tensor(STATS["eigval"]),
+                        eigvec=torch.tensor(STATS["eigvec"]))
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = Preprocess(stats)(images)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, images.float() - stats.mean_rgb.view(1, 3, 1, 1))
+    alpha = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.0, 0.0]])
+    shifted = Preprocess(stats)(images, alpha)
+    offset = stats.eigvec @ (alpha[0] * stats.eigval)
+    assert torch.allclose(shifted[0], out[0] + offset.view(3, 1, 1), atol=1e-4)
+    assert torch.equal(shifted[1], out[1])
+
+
+def test_pca_shift_has_the_alexnet_covariance():
+    # AlexNet lighting: offset = eigvec @ (alpha · eigval), alpha ~ N(0, 0.1) → Cov = V diag((0.1·λ)²) Vᵀ.
+    eigvec = torch.linalg.qr(torch.tensor(STATS["eigvec"], dtype=torch.float64))[0].float()
+    stats = ColourStats(mean_rgb=torch.zeros(3), eigval=torch.tensor(STATS["eigval"]), eigvec=eigvec)
+    alpha = torch.randn(20_000, 3, generator=torch.Generator().manual_seed(0)) * ALPHA_STD
+    offsets = Preprocess(stats)(torch.zeros(20_000, 3, 1, 1, dtype=torch.uint8), alpha)[:, :, 0, 0]
+    expected = eigvec @ torch.diag((ALPHA_STD * stats.eigval) ** 2) @ eigvec.T
+    assert torch.allclose(torch.cov(offsets.T), expected, atol=0.03 * expected.abs().max().item())
+
+
+def test_missing_or_corrupt_inputs_give_one_line_data_errors(tmp_path, shards):
+    def message(call) -> str:
+        with pytest.raises(DataError) as error:
+            call()
+        text = str(error.value)
+        assert "\n" not in text
+        return text
+
+    assert "does not exist" in message(lambda: read_index(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    assert "index.json is missing" in message(lambda: read_index(tmp_path / "empty"))
+    assert "vgg ingest" in message(lambda: read_stats(tmp_path / "empty"))
+    broken = write_shards(tmp_path / "broken", {"train": [4], "val": [2]})
+    (broken / "index.json").write_text('{"format": 1, "classes": [')
+    assert "corrupt JSON" in message(lambda: train_batches(broken, scale=SCALE, crop=CROP, batch_size=2, rank=0,
+                                                           world_size=1, workers=0, epoch=0, seed=0))
+    (broken / "stats.json").write_text(json.dumps({**STATS, "eigvec": [[1, 0], [0, 1]]}))
+    assert "'eigvec' must be 3x3" in message(lambda: read_stats(broken))
+
+    bad = write_shards(tmp_path / "bad", {"train": [4, 4], "val": [2]})
+    tar = bad / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: 4 * 1024])  # cut short: fewer samples than the index says
+    assert "sha256" in message(lambda: read_index(bad, verify=True))
+    text = message(lambda: list(train_batches(bad, scale=SCALE, crop=CROP, batch_size=2, rank=0, world_size=1,
+                                              workers=2, epoch=0, seed=0)))
+    assert "train-000001.tar" in text and "vgg ingest" in text
+    tar.unlink()
+    assert "is missing" in message(lambda: read_index(bad))
+    assert "fewer than batch_size" in message(lambda: batches_per_epoch(read_index(shards), batch_size=25, world_size=2))
+    with pytest.raises(DataError, match="no split 'test'"):
+        list(iter_samples(shards, "test"))
+    with pytest.raises(ConfigError, match="start_batch"):
+        epoch(shards, start_batch=13)

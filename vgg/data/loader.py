@@ -1,0 +1,652 @@
+"""The reading side of the shard contract: index and statistics, sample iteration, and the training and
+validation batch streams (rank- and worker-aware), plus the on-device `Preprocess`.
+
+On disk (written by `vgg ingest`, `vgg.data.shards`): `index.json`, `stats.json` and WebDataset tars whose
+samples are consecutive members `KEY.jpg`, `KEY.cls` (ASCII class index), `KEY.json` (metadata). Tars are
+read with a small streaming header parser (no extraction to disk): it seeks over the data of members and
+samples that are not needed, so skipping is cheap and skipped samples are never decoded.
+
+Training epoch plan (`train_batches`), computed identically on every rank from (seed, epoch):
+1. The split's shards are put in an epoch-seeded order and read as one stream of samples.
+2. Rank r takes samples [r·n, (r+1)·n) of that stream, n = total // world_size: disjoint, equal-sized; the
+   last total % world_size samples of the stream are dropped (different ones each epoch, as the shard order
+   changes).
+3. Each rank yields exactly `batches_per_epoch` = n // batch_size batches (drop_last; the rank's last
+   n % batch_size samples are dropped), so DDP ranks never wait on one another.
+4. Dataloader worker w of W builds batches w, w+W, w+2W, … (torch's DataLoader returns workers' batches
+   round-robin); it reads its own contiguous run of the rank's stream — whole shards, except at its ends —
+   interleaving up to `_OPEN_SHARDS` shards and passing samples through a `_SHUFFLE_BUFFER` shuffle buffer,
+   both seeded by (seed, epoch, rank, w). The batch order therefore depends on the number of workers, but the
+   set of samples of a rank does not.
+5. Each sample's augmentation (S, crop position, flip, PCA alpha) comes from a generator seeded by
+   (seed, epoch, key): it does not depend on the rank or worker layout.
+6. `start_batch` resumes mid-epoch exactly: workers replay their stream up to the first batch to yield,
+   reading but not decoding the skipped samples, and rotate so batch `start_batch` comes first.
+
+Mixing within an epoch relies on the writer having shuffled samples across shards (a shard holding one class
+would give batches of few classes); `vgg ingest` writes shards in a seeded random order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vgg.config import ScaleRange
+from vgg.data.transforms import CentreCrop, TrainCrop
+from vgg.errors import ConfigError, DataError
+
+INDEX_FILE = "index.json"
+STATS_FILE = "stats.json"
+INDEX_FORMAT = 1
+ALPHA_STD = 0.1  # std of the PCA lighting coefficients (AlexNet, cited in §3.1)
+_SHUFFLE_BUFFER = 1000  # samples per worker (~100 MB of ImageNet JPEGs at max_side 512)
+_OPEN_SHARDS = 4  # shards a worker reads interleaved, so its stream mixes more than one shard at a time
+_BLOCK = 512  # tar block size, bytes
+_END_BLOCK = bytes(_BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------------- index
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar of a split, as listed in `index.json`."""
+
+    file: str  # name inside the shards directory, e.g. train-000000.tar
+    path: Path
+    count: int  # samples
+    sha256: str  # hex digest of the whole file
+
+
+@dataclass(frozen=True)
+class Split:
+    count: int  # samples, = sum of the shards' counts
+    shards: tuple[Shard, ...]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The parsed, validated `index.json` of a shards directory."""
+
+    root: Path
+    classes: tuple[str, ...]  # WNIDs in sorted order; a label is a position in this tuple
+    names: tuple[str, ...]  # human-readable class names, same order
+    max_side: int  # px, the largest smallest-side kept at ingest
+    splits: Mapping[str, Split]  # "train", "val"
+    source: Mapping[str, Any]  # fingerprint of the raw input
+    converted: tuple[Mapping[str, str], ...]  # {"name", "reason"} of images re-encoded at ingest
+    skipped: tuple[Mapping[str, str], ...]  # {"name", "reason"} of images left out at ingest
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(
+                f"{self.root / INDEX_FILE}: no split {name!r} (has {', '.join(sorted(self.splits)) or 'none'}); "
+                f"re-run `vgg ingest`"
+            )
+        return self.splits[name]
+
+
+def read_index(shards_dir: str | Path, *, verify: bool = False) -> ShardIndex:
+    """Parse and validate `shards_dir/index.json`; every listed shard must exist. With `verify`, also check each
+    shard's sha256 and sample count against the index (reads every byte)."""
+    root = Path(shards_dir)
+    path = root / INDEX_FILE
+    raw = _read_json(path, root)
+    fix = f"re-run `vgg ingest RAW {root}`"
+    try:
+        if raw.get("format") != INDEX_FORMAT:
+            raise DataError(f"{path}: unsupported format {raw.get('format')!r} (expected {INDEX_FORMAT}); {fix}")
+        classes = tuple(_typed(raw, "classes", list, path, fix))
+        names = tuple(_typed(raw, "names", list, path, fix))
+        if not classes or len(names) != len(classes) or not all(isinstance(c, str) for c in classes):
+            raise DataError(f"{path}: 'classes' must be a non-empty list of WNIDs with one name each; {fix}")
+        splits = {}
+        for split_name, entry in _typed(raw, "splits", dict, path, fix).items():
+            shards = []
+            for item in entry["shards"]:
+                file, count, digest = item["file"], item["count"], item["sha256"]
+                if not (isinstance(file, str) and "/" not in file and isinstance(count, int) and count >= 0
+                        and isinstance(digest, str)):
+                    raise DataError(f"{path}: bad shard entry {item!r} in split {split_name!r}; {fix}")
+                shards.append(Shard(file=file, path=root / file, count=count, sha256=digest))
+            count = entry["count"]
+            if count != sum(shard.count for shard in shards):
+                raise DataError(
+                    f"{path}: split {split_name!r} count {count} != sum of its shard counts "
+                    f"{sum(s.count for s in shards)}; {fix}"
+                )
+            splits[split_name] = Split(count=count, shards=tuple(shards))
+        index = ShardIndex(
+            root=root,
+            classes=classes,
+            names=tuple(str(name) for name in names),
+            max_side=int(_typed(raw, "max_side", int, path, fix)),
+            splits=splits,
+            source=dict(raw.get("source", {})),
+            converted=tuple(raw.get("converted", ())),
+            skipped=tuple(raw.get("skipped", ())),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DataError(f"{path}: missing or malformed entry ({type(error).__name__}: {error}); {fix}") from None
+    for split in index.splits.values():
+        for shard in split.shards:
+            if not shard.path.is_file():
+                raise DataError(f"{shard.path}: shard listed in {path} is missing; {fix}")
+            if verify:
+                _verify_shard(shard, fix)
+    return index
+
+
+def _read_json(path: Path, root: Path) -> Any:
+    if not root.is_dir():
+        raise DataError(f"shards directory {root} does not exist; run `vgg ingest RAW {root}` first")
+    if not path.is_file():
+        raise DataError(f"{path} is missing: {root} is not a complete shards directory; run `vgg ingest RAW {root}`")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: corrupt JSON ({error}); re-run `vgg ingest RAW {root}`") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}; re-run `vgg ingest RAW {root}`")
+    return value
+
+
+def _typed(raw: Mapping[str, Any], key: str, kind: type, path: Path, fix: str) -> Any:
+    value = raw.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{path}: key {key!r} must be a {kind.__name__}, got {type(value).__name__}; {fix}")
+    return value
+
+
+def _verify_shard(shard: Shard, fix: str) -> None:
+    with open(shard.path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    if digest != shard.sha256:
+        raise DataError(f"{shard.path}: sha256 {digest[:12]}… does not match the index ({shard.sha256[:12]}…); {fix}")
+    count = sum(1 for _ in _read_tar(shard.path, start=0, stop=None, wanted=frozenset()))
+    if count != shard.count:
+        raise DataError(f"{shard.path}: holds {count} samples, the index says {shard.count}; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True, eq=False)
+class ColourStats:
+    """Training-set RGB statistics on the 0–255 scale: the mean (subtracted, §2.1) and the eigen-decomposition
+    of the RGB covariance used by the PCA colour shift (AlexNet lighting, §3.1)."""
+
+    mean_rgb: Tensor  # float32 [3]
+    eigval: Tensor  # float32 [3], descending
+    eigvec: Tensor  # float32 [3, 3], column j is the eigenvector of eigval[j]
+
+
+def read_stats(shards_dir: str | Path) -> ColourStats:
+    """Parse and validate `shards_dir/stats.json`."""
+    root = Path(shards_dir)
+    path = root / STATS_FILE
+    raw = _read_json(path, root)
+    shapes = {"mean_rgb": (3,), "eigval": (3,), "eigvec": (3, 3)}
+    values = {}
+    for key, shape in shapes.items():
+        try:
+            value = torch.tensor(raw[key], dtype=torch.float64)
+        except (KeyError, TypeError, ValueError):
+            value = None
+        if value is None or value.shape != shape or not torch.isfinite(value).all():
+            raise DataError(
+                f"{path}: {key!r} must be {'x'.join(map(str, shape))} finite numbers; re-run `vgg ingest RAW {root}`"
+            )
+        values[key] = value.float()
+    if (values["eigval"] < 0).any():
+        raise DataError(f"{path}: 'eigval' must be >= 0 (a covariance's eigenvalues); re-run `vgg ingest RAW {root}`")
+    return ColourStats(**values)
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # source file stem, e.g. n01440764_10026
+    jpeg: bytes  # RGB JPEG
+    label: int  # class index (sorted-WNID order)
+    meta: dict  # {"wnid", "source", "size": [w, h]} (original size)
+
+
+def iter_samples(shards_dir: str | Path, split: str) -> Iterator[Sample]:
+    """Every sample of `split` in index order (shards in listed order, samples in tar order)."""
+    index = read_index(shards_dir)
+    for shard in index.split(split).shards:
+        for key, fields in _read_tar(shard.path, start=0, stop=shard.count, wanted=None):
+            jpeg, label = _jpeg_label(shard, key, fields, len(index.classes))
+            try:
+                meta = json.loads(fields["json"]) if "json" in fields else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise DataError(f"{shard.path}: sample {key}: corrupt json member; re-run `vgg ingest`") from None
+            yield Sample(key=key, jpeg=jpeg, label=label, meta=meta)
+
+
+def _jpeg_label(shard: Shard, key: str, fields: Mapping[str, bytes], classes: int) -> tuple[bytes, int]:
+    if "jpg" not in fields or "cls" not in fields:
+        raise DataError(f"{shard.path}: sample {key} lacks a jpg or cls member; re-run `vgg ingest`")
+    try:
+        label = int(fields["cls"])
+    except ValueError:
+        label = -1
+    if not 0 <= label < classes:
+        raise DataError(f"{shard.path}: sample {key}: class {fields['cls'][:20]!r} is not in 0..{classes - 1}; re-run `vgg ingest`")
+    return fields["jpg"], label
+
+
+def _read_tar(path: Path, *, start: int, stop: int | None, wanted: frozenset[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples [start, stop) of a WebDataset tar as (key, {extension: bytes}), reading only the members whose
+    extension is in `wanted` (None: all). Members of one sample are consecutive and share the key: the name up
+    to the first dot of its last path component (WebDataset's rule). Handles ustar, GNU long names and pax."""
+    with open(path, "rb") as file:
+        index, key, fields = -1, None, {}
+        offset, long_name = 0, None
+        while True:
+            file.seek(offset)
+            header = file.read(_BLOCK)
+            if len(header) < _BLOCK or header == _END_BLOCK:
+                break
+            if header[257:262] != b"ustar":
+                raise DataError(f"{path}: not a tar archive (bad header at byte {offset}); re-run `vgg ingest`")
+            size = _header_size(header, path)
+            kind = header[156]
+            data = offset + _BLOCK
+            offset = data + -(-size // _BLOCK) * _BLOCK
+            if kind in (ord("L"), ord("x")):  # GNU long name / pax extended header of the next member
+                long_name = _long_name(kind, _read_exact(file, data, size, path)) or long_name
+                continue
+            if kind not in (ord("0"), 0):  # directories, links, global pax headers: not sample members
+                long_name = None
+                continue
+            name = long_name or _ustar_name(header)
+            long_name = None
+            dot = name.find(".", name.rfind("/") + 1)
+            if dot < 0:
+                continue
+            member_key = name[:dot]
+            if member_key != key:
+                if start <= index:
+                    yield key, fields
+                index, key, fields = index + 1, member_key, {}
+                if stop is not None and index >= stop:
+                    return
+            if index >= start:
+                extension = name[dot + 1 :].lower()
+                if wanted is None or extension in wanted:
+                    fields[extension] = _read_exact(file, data, size, path)
+        if key is not None and start <= index:
+            yield key, fields
+
+
+def _header_size(header: bytes, path: Path) -> int:
+    field = header[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes ≥ 8 GiB
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise DataError(f"{path}: corrupt tar header (size field {field!r}); re-run `vgg ingest`") from None
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+
+
+def _long_name(kind: int, payload: bytes) -> str | None:
+    if kind == ord("L"):
+        return payload.rstrip(b"\0").decode("utf-8", "replace")
+    for record in payload.split(b"\n"):  # pax records: "LEN key=value"
+        _, _, item = record.partition(b" ")
+        name, _, value = item.partition(b"=")
+        if name == b"path":
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def _read_exact(file: BinaryIO, offset: int, size: int, path: Path) -> bytes:
+    file.seek(offset)
+    data = file.read(size)
+    if len(data) != size:
+        raise DataError(f"{path}: truncated tar (member at byte {offset} is cut short); re-run `vgg ingest`")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+class Batch(NamedTuple):
+    """A batch as the loaders yield it. `images` is channels_last in memory (NHWC strides) — the layout the
+    GPU step uses; `.contiguous()` gives NCHW."""
+
+    images: Tensor  # uint8 [N, 3, crop, crop], RGB 0–255
+    labels: Tensor  # int64 [N]
+    colour: Tensor  # float32 [N, 3], PCA lighting alpha ~ N(0, 0.1) (zeros for validation)
+
+
+def batches_per_epoch(index: ShardIndex, *, batch_size: int, world_size: int) -> int:
+    """Batches every rank yields per training epoch: (train count // world_size) // batch_size."""
+    count = index.split("train").count
+    batches = count // world_size // batch_size
+    if batches < 1:
+        raise DataError(
+            f"{index.root}: the train split has {count} samples, fewer than batch_size × world_size = "
+            f"{batch_size} × {world_size}; lower the batch size or ingest more images"
+        )
+    return batches
+
+
+class Batches:
+    """One epoch's batches for this rank: `len()` is known up front; iterate once per epoch. Errors raised in a
+    dataloader worker come back as one-line `DataError`s (torch wraps them in a traceback)."""
+
+    def __init__(self, dataset: IterableDataset, *, workers: int, length: int) -> None:
+        self._loader = DataLoader(
+            dataset,
+            batch_size=None,  # workers build whole batches
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = iter(self._loader)
+        try:
+            yield from batches
+            return
+        except DataError as error:  # from a worker: "Caught DataError in ...\n<traceback>\nvgg.errors.DataError: msg"
+            message = str(error).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
+            error.__traceback__ = None  # torch's re-raise leaves a reference cycle through it; break it
+        del batches  # stop the workers now, not when a garbage collection finds the cycle
+        raise DataError(message)
+
+
+def train_batches(
+    shards_dir: str | Path,
+    *,
+    scale: ScaleRange,
+    crop: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    epoch: int,
+    seed: int,
+    start_batch: int = 0,
+) -> Batches:
+    """This rank's training batches of `epoch` (see the module doc for the plan), from batch `start_batch` on.
+
+    scale: S range (§3.1); crop: px; batch_size: images per batch on this rank; workers: dataloader worker
+    processes (0 = in this process).
+    """
+    _check_layout(batch_size=batch_size, rank=rank, world_size=world_size, workers=workers)
+    transform = TrainCrop(scale=scale, crop=crop)
+    index = read_index(shards_dir)
+    batches = batches_per_epoch(index, batch_size=batch_size, world_size=world_size)
+    if not 0 <= start_batch <= batches:
+        raise ConfigError(f"start_batch: must be in 0..{batches} (batches per epoch), got {start_batch}")
+    shards = list(index.split("train").shards)
+    random.Random(f"{seed}:{epoch}:shards").shuffle(shards)
+    per_rank = index.split("train").count // world_size
+    lanes = max(workers, 1)
+    counts = [len(range(lane, batches, lanes)) for lane in range(lanes)]  # batches of each worker lane
+    starts = np.cumsum([0, *counts]) * batch_size + rank * per_rank
+    dataset = _TrainStream(
+        segments=[_segments(shards, start, start + count * batch_size) for start, count in zip(starts, counts)],
+        counts=counts,
+        transform=transform,
+        batch_size=batch_size,
+        classes=len(index.classes),
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        start_batch=start_batch,
+    )
+    return Batches(dataset, workers=workers, length=batches - start_batch)
+
+
+def val_batches(
+    shards_dir: str | Path,
+    *,
+    q: int,
+    crop: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+) -> Batches:
+    """Validation during training (§3.2 single scale): rescale to Q, centre crop, no flip, colour zeros.
+
+    Rank r takes samples [r·N // world_size, (r+1)·N // world_size) of the val split in index order, so every
+    sample is seen exactly once overall; ranks may hold one sample more than others and so yield different
+    batch counts (the last batch is partial): all-reduce the sums after the loop, never per batch. Within a
+    rank, workers take contiguous runs of whole batches; the batch order is round-robin over workers.
+    """
+    _check_layout(batch_size=batch_size, rank=rank, world_size=world_size, workers=workers)
+    transform = CentreCrop(q=q, crop=crop)
+    index = read_index(shards_dir)
+    split = index.split("val")
+    first, last = rank * split.count // world_size, (rank + 1) * split.count // world_size
+    batches = math.ceil((last - first) / batch_size)
+    lanes = max(workers, 1)
+    bounds = [min(first + lane * batches // lanes * batch_size, last) for lane in range(lanes + 1)]
+    dataset = _ValStream(
+        segments=[_segments(list(split.shards), start, stop) for start, stop in zip(bounds, bounds[1:])],
+        transform=transform,
+        batch_size=batch_size,
+        classes=len(index.classes),
+    )
+    return Batches(dataset, workers=workers, length=batches)
+
+
+def _check_layout(*, batch_size: int, rank: int, world_size: int, workers: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank: must be in 0..world_size-1 with world_size >= 1, got rank {rank} of {world_size}")
+    if workers < 0:
+        raise ConfigError(f"workers: must be >= 0 (0 = in-process), got {workers}")
+
+
+def _segments(shards: Sequence[Shard], start: int, stop: int) -> list[tuple[Shard, int, int]]:
+    """Samples [start, stop) of the stream that concatenates `shards`, as (shard, first, end) runs."""
+    runs, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start - offset, 0), min(stop - offset, shard.count)
+        if lo < hi:
+            runs.append((shard, lo, hi))
+        offset += shard.count
+    return runs
+
+
+def _read_runs(runs: Iterable[tuple[Shard, int, int]], wanted: frozenset[str]) -> Iterator[tuple[Shard, str, dict[str, bytes]]]:
+    """The samples of one run after another, failing when a shard holds fewer samples than its index entry."""
+    for shard, lo, hi in runs:
+        seen = lo
+        for key, fields in _read_tar(shard.path, start=lo, stop=hi, wanted=wanted):
+            seen += 1
+            yield shard, key, fields
+        if seen != hi:
+            raise DataError(f"{shard.path}: holds fewer samples than index.json says ({shard.count}); re-run `vgg ingest`")
+
+
+def _interleaved(runs: Sequence[tuple[Shard, int, int]], rng: random.Random) -> Iterator[tuple[Shard, str, dict[str, bytes]]]:
+    """Samples of `runs`, drawn at random from up to `_OPEN_SHARDS` runs read at once."""
+    pending, open_runs = deque(runs), []
+    while pending or open_runs:
+        while pending and len(open_runs) < _OPEN_SHARDS:
+            open_runs.append(_read_runs([pending.popleft()], _TRAIN_FIELDS))
+        pick = rng.randrange(len(open_runs))
+        item = next(open_runs[pick], None)
+        if item is None:
+            del open_runs[pick]
+        else:
+            yield item
+
+
+def _shuffled(items: Iterable[Any], rng: random.Random, size: int) -> Iterator[Any]:
+    """A shuffle buffer of `size` items: each output is drawn uniformly from the buffer, then refilled."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        pick = rng.randrange(size)
+        yield buffer[pick]
+        buffer[pick] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+_TRAIN_FIELDS = frozenset(["jpg", "cls"])
+
+
+class _SampleRandom:
+    """Per-sample generators seeded by (seed, epoch, key): one PCG64 reseeded in place (~4 µs; building a new
+    seeded Generator costs ~40 µs, a fifth of a small image's decode). The returned generator is valid until the
+    next call."""
+
+    def __init__(self, *, seed: int, epoch: int) -> None:
+        self._prefix = f"{seed}:{epoch}:".encode()
+        self._bits = np.random.PCG64(0)
+        self._generator = np.random.Generator(self._bits)
+
+    def __call__(self, key: str) -> np.random.Generator:
+        digest = hashlib.blake2b(self._prefix + key.encode(), digest_size=32).digest()
+        self._bits.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(digest[:16], "little"), "inc": int.from_bytes(digest[16:], "little") | 1},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return self._generator
+
+
+class _TrainStream(IterableDataset):
+    def __init__(
+        self,
+        *,
+        segments: list[list[tuple[Shard, int, int]]],
+        counts: list[int],
+        transform: TrainCrop,
+        batch_size: int,
+        classes: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        start_batch: int,
+    ) -> None:
+        self.segments, self.counts, self.transform = segments, counts, transform
+        self.batch_size, self.classes, self.seed, self.epoch, self.rank = batch_size, classes, seed, epoch, rank
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return sum(self.counts) - self.start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        lanes = len(self.counts)
+        # Rotate so that this epoch's batch `start_batch` comes from the worker torch asks first.
+        lane = (self.start_batch + (info.id if info else 0)) % lanes
+        skip = max(0, -(-(self.start_batch - lane) // lanes))  # this lane's batches before start_batch
+        if info is None and lanes != 1 or info is not None and info.num_workers != lanes:
+            raise RuntimeError("a _TrainStream must run with the number of workers it was planned for")
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{lane}")
+        samples = _shuffled(_interleaved(self.segments[lane], rng), rng, _SHUFFLE_BUFFER)
+        sample_random = _SampleRandom(seed=self.seed, epoch=self.epoch)
+        for number in range(self.counts[lane]):
+            chunk = [next(samples) for _ in range(self.batch_size)]
+            if number >= skip:
+                yield self._batch(chunk, sample_random)
+
+    def _batch(self, chunk: list[tuple[Shard, str, dict[str, bytes]]], sample_random: _SampleRandom) -> Batch:
+        crop = self.transform.crop
+        images = torch.empty((len(chunk), crop, crop, 3), dtype=torch.uint8)
+        colour = np.empty((len(chunk), 3), dtype=np.float32)
+        labels = []
+        for i, (shard, key, fields) in enumerate(chunk):
+            jpeg, label = _jpeg_label(shard, key, fields, self.classes)
+            rng = sample_random(key)
+            try:
+                images[i] = self.transform(jpeg, rng).permute(1, 2, 0)
+            except DataError as error:
+                raise DataError(f"{shard.path}: sample {key}: {error}") from None
+            colour[i] = rng.normal(0.0, ALPHA_STD, 3)
+            labels.append(label)
+        return Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), torch.from_numpy(colour))
+
+
+class _ValStream(IterableDataset):
+    def __init__(self, *, segments: list[list[tuple[Shard, int, int]]], transform: CentreCrop, batch_size: int, classes: int) -> None:
+        self.segments, self.transform, self.batch_size, self.classes = segments, transform, batch_size, classes
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        runs = self.segments[info.id if info else 0]
+        chunk: list[tuple[Shard, str, dict[str, bytes]]] = []
+        for item in _read_runs(runs, _TRAIN_FIELDS):
+            chunk.append(item)
+            if len(chunk) == self.batch_size:
+                yield self._batch(chunk)
+                chunk = []
+        if chunk:
+            yield self._batch(chunk)
+
+    def _batch(self, chunk: list[tuple[Shard, str, dict[str, bytes]]]) -> Batch:
+        crop = self.transform.crop
+        images = torch.empty((len(chunk), crop, crop, 3), dtype=torch.uint8)
+        labels = []
+        for i, (shard, key, fields) in enumerate(chunk):
+            jpeg, label = _jpeg_label(shard, key, fields, self.classes)
+            try:
+                images[i] = self.transform(jpeg).permute(1, 2, 0)
+            except DataError as error:
+                raise DataError(f"{shard.path}: sample {key}: {error}") from None
+            labels.append(label)
+        colour = torch.zeros((len(chunk), 3), dtype=torch.float32)
+        return Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), colour)
+
+
+# ---------------------------------------------------------------------------------------------------- device
+
+
+class Preprocess(nn.Module):
+    """uint8 images → float32 network input on the training device, 0–255 scale (as the paper/Caffe; no division
+    by a std): + the PCA colour shift eigvec @ (alpha · eigval) per image when `colour` (alpha) is given
+    (AlexNet lighting, §3.1), − the training-set mean RGB (§2.1, the only pre-processing). Keeps the input's
+    memory format (channels_last stays channels_last). Move it to the device with the model; copy batches with
+    `.to(device, non_blocking=True)` before calling it."""
+
+    def __init__(self, stats: ColourStats) -> None:
+        super().__init__()
+        self.register_buffer("mean_rgb", stats.mean_rgb.detach().clone().float())
+        self.register_buffer("eigval", stats.eigval.detach().clone().float())
+        self.register_buffer("eigvec", stats.eigvec.detach().clone().float())
+
+    def forward(self, images: Tensor, colour: Tensor | None = None) -> Tensor:
+        shift = -self.mean_rgb.expand(images.shape[0], 3)
+        if colour is not None:
+            shift = shift + (colour.float() * self.eigval) @ self.eigvec.T  # row i: eigvec @ (alpha_i * eigval)
+        return images.to(torch.float32, copy=True).add_(shift[:, :, None, None])

@@ -1,0 +1,169 @@
+"""Image transforms: the training augmentation of §3.1 and the isotropic rescale used at test time (§3.2).
+
+Scale convention (§3.1): an image is rescaled isotropically so that its smallest side is S (training) or Q
+(testing) px; the other side is truncated to whole px, as torchvision's `resize` (`scaled_size`).
+
+Resampling: antialiased bicubic. `rescale` (PIL images, used by evaluation) is PIL's bicubic resize, whose
+filter support widens with the downscale factor (antialiasing). The training hot path resamples uint8 tensors
+with `torch.nn.functional.interpolate(mode="bicubic", antialias=True)`, which implements the same filter: it
+matches PIL within ±1 grey level and is 4–6× faster here. Training resamples only the crop window of the
+rescaled image, straight from the decoded image (the window's origin is rounded to a whole source pixel, so it
+sits within ½ source px of the exact window and its border pixels see no neighbours outside the window).
+
+Decoding: libjpeg-turbo via torchvision (bit-identical to PIL's decoder, ~1.3× faster); when the image is at
+least twice the target scale, PIL's JPEG draft mode decodes it at 1/2, 1/4 or 1/8 size in the DCT, which is
+much cheaper, keeping the smallest side ≥ the target scale.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from vgg.config import ScaleRange
+from vgg.errors import ConfigError, DataError
+
+# JPEG start-of-frame markers (SOF0–SOF15 less DHT 0xC4, JPG 0xC8, DAC 0xCC): the segment holding the size.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0–RST7, SOI, EOI.
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xDA)])
+
+
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(width, height) in px from the JPEG's start-of-frame header, without decoding (a few µs)."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise DataError("not a JPEG: missing the start-of-image marker; re-run `vgg ingest` on the source")
+    at, end = 2, len(jpeg) - 9
+    while at < end:
+        if jpeg[at] != 0xFF:
+            break
+        marker = jpeg[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+        elif marker in _SOF:
+            height, width = struct.unpack_from(">HH", jpeg, at + 5)
+            return width, height
+        elif marker in _STANDALONE:
+            at += 2
+        else:
+            at += 2 + struct.unpack_from(">H", jpeg, at + 2)[0]
+    raise DataError("corrupt JPEG: no frame header found; re-run `vgg ingest` on the source")
+
+
+def scaled_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(width, height) after an isotropic rescale of an image of `size` so that its smallest side is `side`."""
+    width, height = size
+    if width <= height:  # the long side is truncated, as torchvision's `resize(img, side)`
+        return side, int(side * height / width)
+    return int(side * width / height), side
+
+
+def decode_rgb(jpeg: bytes, *, min_side: int | None) -> Image.Image:
+    """Decode JPEG bytes to an RGB PIL image, in the DCT at 1/2, 1/4 or 1/8 size (draft mode) when that keeps the
+    smallest side ≥ `min_side` px (None: full size). Draft decoding is a box-like downscale, close to an
+    antialiased resize, and several times cheaper than decoding at full size."""
+    try:
+        image = Image.open(io.BytesIO(jpeg))
+        if min_side is not None:
+            image.draft("RGB", (min_side, min_side))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"cannot decode image: {error}; re-run `vgg ingest` on the source") from None
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def rescale(image: Image.Image, side: int) -> Image.Image:
+    """Isotropic rescale so that the smallest side is `side` px (§3.1/§3.2), antialiased bicubic (PIL)."""
+    size = scaled_size(image.size, side)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def decode_chw(jpeg: bytes, *, min_side: int) -> torch.Tensor:
+    """Decode JPEG bytes to uint8 [3, H, W] (RGB); in the DCT at a reduced size when the smallest side is ≥ 2 ×
+    `min_side` (as `decode_rgb`), else at full size with torchvision (same libjpeg-turbo pixels, less overhead)."""
+    width, height = jpeg_size(jpeg)
+    if min(width, height) >= 2 * min_side:
+        image = decode_rgb(jpeg, min_side=min_side)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.view(image.height, image.width, 3).permute(2, 0, 1)
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise DataError(f"cannot decode JPEG: {error}; re-run `vgg ingest` on the source") from None
+
+
+def crop_window(image: torch.Tensor, *, side: int, left: int, top: int, crop: int, flip: bool) -> torch.Tensor:
+    """The crop × crop window at (left, top) of `image` (uint8 [3, h, w]) rescaled to smallest side `side`, as
+    uint8 [3, crop, crop], mirrored left–right when `flip`.
+
+    Only the window is resampled, with exactly the full rescale's scale factors (the op behind
+    `F.interpolate(..., antialias=True)`, called with both the output size and the factors); the window's origin
+    is rounded to a whole source pixel, within ½ source px of the exact window.
+    """
+    height, width = image.shape[1:]
+    scaled_width, scaled_height = scaled_size((width, height), side)
+    if (scaled_width, scaled_height) == (width, height):
+        window = image[:, top : top + crop, left : left + crop]
+    else:
+        fy, fx = scaled_height / height, scaled_width / width
+        span_y, span_x = min(math.ceil(crop / fy), height), min(math.ceil(crop / fx), width)
+        y0 = min(int(top / fy + 0.5), height - span_y)
+        x0 = min(int(left / fx + 0.5), width - span_x)
+        window = torch.ops.aten._upsample_bicubic2d_aa(
+            image[None, :, y0 : y0 + span_y, x0 : x0 + span_x], [crop, crop], False, fy, fx
+        )[0]
+    return window.flip(-1) if flip else window
+
+
+@dataclass(frozen=True)
+class TrainCrop:
+    """The training augmentation of §3.1 for one image: S ~ U[s_min, s_max] (integers, inclusive; fixed S when
+    equal), isotropic rescale to smallest side S, one random crop × crop window, random horizontal flip.
+
+    `transform(jpeg, rng) -> uint8 [3, crop, crop]`; all randomness comes from `rng` (one `rng.random(4)` call),
+    so a generator seeded per sample makes the output independent of the worker layout.
+    """
+
+    scale: ScaleRange
+    crop: int  # px (224, §2.1)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop <= self.scale.s_min:
+            raise ConfigError(f"crop: must be in 1..s_min={self.scale.s_min} px to fit the rescaled image, got {self.crop}")
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
+        u_side, u_left, u_top, u_flip = rng.random(4)
+        side = self.scale.s_min + int(u_side * (self.scale.s_max - self.scale.s_min + 1))
+        image = decode_chw(jpeg, min_side=side)
+        width, height = scaled_size((image.shape[2], image.shape[1]), side)
+        left = int(u_left * (width - self.crop + 1))
+        top = int(u_top * (height - self.crop + 1))
+        return crop_window(image, side=side, left=left, top=top, crop=self.crop, flip=bool(u_flip < 0.5))
+
+
+@dataclass(frozen=True)
+class CentreCrop:
+    """Validation during training (§3.2, single scale): rescale to smallest side Q, the centre crop × crop window
+    (offsets floored, as evaluation's grid), no flip. `transform(jpeg) -> uint8 [3, crop, crop]`."""
+
+    q: int  # px
+    crop: int  # px
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop <= self.q:
+            raise ConfigError(f"crop: must be in 1..Q={self.q} px to fit the rescaled image, got {self.crop}")
+
+    def __call__(self, jpeg: bytes) -> torch.Tensor:
+        image = decode_chw(jpeg, min_side=self.q)
+        width, height = scaled_size((image.shape[2], image.shape[1]), self.q)
+        left, top = (width - self.crop) // 2, (height - self.crop) // 2
+        return crop_window(image, side=self.q, left=left, top=top, crop=self.crop, flip=False)
