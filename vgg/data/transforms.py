@@ -6,7 +6,7 @@ Scale convention (§3.1): an image is rescaled isotropically so that its smalles
 Resampling: antialiased bicubic. `rescale` (PIL images, used by evaluation) is PIL's bicubic resize, whose
 filter support widens with the downscale factor (antialiasing). The training hot path resamples uint8 tensors
 with `torch.nn.functional.interpolate(mode="bicubic", antialias=True)`, which implements the same filter: it
-matches PIL within ±1 grey level and is 4–6× faster here. Training resamples only the crop window of the
+matches PIL within 2 grey levels (mean < 0.1) and is 4–6× faster here. Training resamples only the crop window of the
 rescaled image, straight from the decoded image (the window's origin is rounded to a whole source pixel, so it
 sits within ½ source px of the exact window and its border pixels see no neighbours outside the window).
 
