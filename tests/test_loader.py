@@ -169,6 +169,7 @@ def test_epochs_are_seeded(shards):
     assert order != [int(label) for batch in epoch(shards, workers=2, epoch=1, seed=8) for label in batch.labels]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_start_batch_resumes_exactly(shards, workers):
     full = epoch(shards, workers=workers, epoch=3)
@@ -258,3 +259,23 @@ def test_missing_or_corrupt_inputs_give_one_line_data_errors(tmp_path, shards):
         list(iter_samples(shards, "test"))
     with pytest.raises(ConfigError, match="start_batch"):
         epoch(shards, start_batch=13)
+
+
+def test_reads_what_vgg_ingest_writes(tmp_path):
+    from vgg.config import SynthConfig
+    from vgg.data.shards import ingest
+    from vgg.data.synthetic import synthesize
+
+    synthesize(tmp_path / "raw", SynthConfig(classes=3, train_per_class=12, val_per_class=4, min_side=48, max_side=120, seed=0))
+    ingest(tmp_path / "raw", tmp_path / "out", max_side=72, shard_size=8, workers=1)
+    index = read_index(tmp_path / "out", verify=True)
+    assert index.split("train").count == 36 and len(index.classes) == 3
+    assert read_stats(tmp_path / "out").eigval[0] >= read_stats(tmp_path / "out").eigval[2] > 0
+    ranks = [list(train_batches(tmp_path / "out", scale=ScaleRange(40, 72), crop=CROP, batch_size=6, rank=rank,
+                                world_size=2, workers=2, epoch=0, seed=0)) for rank in range(2)]
+    assert [len(batches) for batches in ranks] == [3, 3]
+    labels = Counter(int(label) for batches in ranks for batch in batches for label in batch.labels)
+    assert sum(labels.values()) == 36 and set(labels) == {0, 1, 2}
+    samples = list(iter_samples(tmp_path / "out", "val"))
+    assert len(samples) == 12 and samples[0].key == "ILSVRC2012_val_00000001"
+    assert sum(len(b.labels) for b in val_batches(tmp_path / "out", q=56, crop=CROP, batch_size=5, workers=2)) == 12
