@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="views per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC activations")
     parser.add_argument("--workers", type=int, default=0, help="decode threads (0 = inline)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
     preprocess = Preprocess(stats)
     samples = images(args.images, setup.image)
     options = dict(preprocess=preprocess, batch_size=args.batch_size, device=args.device,
-                   precision=args.precision, workers=args.workers)  # fmt: skip
+                   precision=args.precision, channels_last=args.channels_last, workers=args.workers)  # fmt: skip
 
     def timed(mode: str, q: int, batch: list[_Sample]) -> float:
         if args.device.startswith("cuda"):
@@ -123,7 +124,8 @@ def main() -> None:
     }
 
     print(f"VGG-{setup.config} ({args.profile} sizes), {setup.image[0]}×{setup.image[1]} JPEGs, "
-          f"{args.device} {args.precision}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"{args.device} {args.precision}{' channels_last' if args.channels_last else ''}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'mode':<10} {'Q':>5} {'images':>6} {'s/image':>9} {'images/s':>9}")
     for r in rows:
         print(f"{r['mode']:<10} {r['q']:>5} {r['images']:>6} {r['s_per_image']:>9.3f} {r['images_per_s']:>9.2f}")
@@ -141,6 +143,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "precision": args.precision,
+            "channels_last": args.channels_last,
             "batch_size": args.batch_size,
             "rows": rows,
             "dense_speedup_over_multicrop": speedups,

@@ -59,7 +59,8 @@ def write_all(directory, rows, *, with_kind: bool = True) -> None:
             continue
         written.add(row.cell)
         name = f"{row.config}_{row.kind}_{row.scales}_{row.mode}.npz".replace("+", "-")
-        posteriors = fake_posteriors(row.paper[0] + SHIFT1, row.paper[1] + SHIFT5, meta_for(row, with_kind=with_kind), seed=i)
+        meta = meta_for(row, with_kind=with_kind)
+        posteriors = fake_posteriors(row.paper[0] + SHIFT1, row.paper[1] + SHIFT5, meta, seed=i)
         posteriors.save(directory / name)
 
 
@@ -123,7 +124,10 @@ def test_partial_results_show_dashes_and_not_measured(tmp_path):
 
     markdown = paths.markdown.read_text()
     metrics = json.loads(paths.metrics.read_text())
-    assert metrics["table3"] == {"A/low": {"top1_err": 30.0, "top5_err": 10.0}, "A-LRN/low": {"top1_err": 25.0, "top5_err": 9.0}}
+    assert metrics["table3"] == {
+        "A/low": {"top1_err": 30.0, "top5_err": 10.0},
+        "A-LRN/low": {"top1_err": 25.0, "top5_err": 9.0},
+    }
     assert metrics["table6"] == {}
     assert "| B | low | — | — | 256 | 256 | — | 28.7 | — | 9.9 |" in markdown
     status = metrics["findings"]

@@ -67,7 +67,9 @@ class Row:
         return f"{self.config}/{self.kind}" if self.table in ("table3", "table4") else f"{self.config}/{self.mode}"
 
 
-def _rows(table: str, scales: str, numbers: Mapping[tuple[str, str], tuple[float, float]], *, by_mode: bool) -> list[Row]:
+def _rows(
+    table: str, scales: str, numbers: Mapping[tuple[str, str], tuple[float, float]], *, by_mode: bool
+) -> list[Row]:
     return [
         Row(table, config, "jitter" if by_mode else key, key if by_mode else "dense", scales, paper)
         for (config, key), paper in numbers.items()
@@ -211,7 +213,9 @@ def findings(cells: Mapping[tuple[str, str, str | None, str], tuple[float, float
         if not measured:
             return Finding(name, claim, "not measured", "missing results for every comparison")
         held = [a < b for _, a, b in measured]
-        detail = "; ".join(f"{text}: {a:.2f} {'<' if ok else '≥'} {b:.2f}" for (text, a, b), ok in zip(measured, held))
+        detail = "; ".join(
+            f"{text}: {a:.2f} {'<' if ok else '≥'} {b:.2f}" for (text, a, b), ok in zip(measured, held)
+        )
         if len(measured) < len(comparisons):
             detail += f" ({len(comparisons) - len(measured)} comparison(s) not measured)"
         return Finding(name, claim, "reproduced" if all(held) else "not reproduced", detail)
@@ -244,7 +248,8 @@ def findings(cells: Mapping[tuple[str, str, str | None, str], tuple[float, float
             for config in "DE" for mode in ("dense", "multicrop")
         ]),
         judge("fusion_helps", "Fusing D and E beats each alone (Table 6 vs Table 5)", [
-            (f"D+E vs {config}, {MODE_NAMES[mode]}", top1("multi", "D+E", "jitter", mode), top1("multi", config, "jitter", mode))
+            (f"D+E vs {config}, {MODE_NAMES[mode]}", top1("multi", "D+E", "jitter", mode),
+             top1("multi", config, "jitter", mode))
             for mode in ("dense", "multicrop", "dense+multicrop") for config in "DE"
         ]),
     ]  # fmt: skip
@@ -334,7 +339,7 @@ def _markdown(
                 + " |"
             )
         lines.append("")
-    lines += ["## Findings", "", "Judged on top-1 error; a finding is reproduced when every comparison goes the paper's way.", ""]
+    lines += ["## Findings", "", "Judged on top-1 error: reproduced when every comparison goes the paper's way.", ""]
     for finding in found:
         lines.append(f"- **{finding.claim}** — {finding.status}. {finding.detail}.")
     lines += ["", "## Plots", ""]
@@ -343,7 +348,8 @@ def _markdown(
     lines += _table_head(["File", "Config", "Train S", "Mode", "Q", "Top-1", "Top-5"])
     for r in results:
         q = ",".join(map(str, r.scales))
-        lines.append(f"| {r.path} | {r.config} | {r.train_label} | {r.mode} | {q} | {r.top1_err:.2f} | {r.top5_err:.2f} |")
+        row = [r.path, r.config, r.train_label, r.mode, q, f"{r.top1_err:.2f}", f"{r.top5_err:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
     if not results:
         lines.append(f"| {MISSING} | | | | | | |")
     if notes:

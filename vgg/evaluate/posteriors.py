@@ -155,6 +155,7 @@ def compute_posteriors(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     precision: Precision = "fp32",
+    channels_last: bool = False,
     progress: bool = False,
     workers: int = 0,
     preprocess: nn.Module | None = None,
@@ -165,7 +166,11 @@ def compute_posteriors(
     `scales`: the test scales Q, px (one for single-scale, e.g. `ScaleRange.single_q`; three for
     multi-scale, `ScaleRange.multi_q`). `crop` (default: the model's) must equal the model's crop.
     `batch_size`: views per forward pass — crops (multi-crop) or same-sized whole images (dense; an image
-    and its flip count as two). `workers`: threads that decode and rescale ahead of the model (0 = inline).
+    and its flip count as two). `precision`: "bf16" autocast, "fp32", or "auto" (bf16 on CUDA only).
+    `channels_last`: NHWC activations (the model is converted in place; several times faster for the small
+    profile's narrow convs on CPU, see benchmarks/evaluation.py). The model is moved to `device` and run in
+    eval mode (its train/eval mode is restored afterwards). `workers`: threads that decode and rescale ahead
+    of the model (0 = inline).
     `preprocess`: uint8 → float input transform; default `Preprocess(read_stats(shards_dir))` (the
     training set's mean RGB subtracted, §2.1; no colour shift). torchvision's weights expect their own
     normalisation: pass `TorchvisionNormalize()`. `meta`: entries added to the result's meta (e.g.
@@ -192,6 +197,7 @@ def compute_posteriors(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        channels_last=channels_last,
         progress=progress,
         workers=workers,
         preprocess=preprocess,
@@ -212,6 +218,7 @@ def score_samples(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     precision: Precision = "fp32",
+    channels_last: bool = False,
     progress: bool = False,
     workers: int = 0,
     total: int | None = None,
@@ -229,13 +236,15 @@ def score_samples(
     labels: list[int] = []
     dense = _Accumulator(model.num_classes) if mode != "multicrop" else None
     crops = _Accumulator(model.num_classes) if mode != "dense" else None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     was_training = model.training
-    model.to(device).eval()
+    model.to(device, memory_format=memory_format).eval()
     preprocess = preprocess.to(device)
 
     def probabilities(views: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        views = views.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast:
-            scores = score(preprocess(views.to(device, non_blocking=True)))
+            scores = score(preprocess(views))
         return torch.softmax(scores.float(), dim=1).cpu()
 
     def dense_scores(x: torch.Tensor) -> torch.Tensor:
@@ -298,12 +307,16 @@ def fuse(posteriors: Sequence[Posteriors]) -> Posteriors:
             else:
                 at = next(i for i, (a, b) in enumerate(zip(first.keys, other.keys)) if a != b)
                 detail = f"first mismatch at #{at}: {first.keys[at]!r} vs {other.keys[at]!r}"
-            raise DataError(f"fuse: {names[0]} and {name} are not over the same images ({detail}); evaluate both on the same split")
+            raise DataError(
+                f"fuse: {names[0]} and {name} are not over the same images ({detail}); evaluate both on the same split"
+            )
         if other.probs.shape != first.probs.shape:
             raise DataError(f"fuse: {names[0]} has probs {first.probs.shape} but {name} has {other.probs.shape}")
         if not np.array_equal(other.labels, first.labels):
             at = int(np.flatnonzero(other.labels != first.labels)[0])
-            raise DataError(f"fuse: {names[0]} and {name} disagree on the label of {first.keys[at]!r}; use the same shards")
+            raise DataError(
+                f"fuse: {names[0]} and {name} disagree on the label of {first.keys[at]!r}; use the same shards"
+            )
     probs = np.mean(np.stack([p.probs.astype(np.float64) for p in posteriors]), axis=0)
     models = [model for p in posteriors for model in p.meta.get("models", [p.meta.get("config", "?")])]
     meta: dict[str, Any] = {"config": "+".join(models), "models": models, "fused": [p.meta for p in posteriors]}
@@ -346,7 +359,8 @@ def load_model(
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a foreign or truncated file
-            raise CheckpointError(f"{path}: cannot read torchvision weights ({type(error).__name__}); re-download it") from None
+            reason = type(error).__name__
+            raise CheckpointError(f"{path}: cannot read torchvision weights ({reason}); re-download it") from None
         if not isinstance(state, Mapping) or "classifier.6.weight" not in state:
             raise CheckpointError(f"{path}: not a torchvision VGG state_dict (no 'classifier.6.weight')")
         state = from_torchvision(state, name)
@@ -433,7 +447,9 @@ def _resolve_precision(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def _decoded(samples: Iterable[_Sample], *, scales: Sequence[int], workers: int) -> Iterator[tuple[_Sample, list[torch.Tensor]]]:
+def _decoded(
+    samples: Iterable[_Sample], *, scales: Sequence[int], workers: int
+) -> Iterator[tuple[_Sample, list[torch.Tensor]]]:
     """Each sample with its image at every Q, decoded once (JPEG draft keeps the smallest side ≥ min Q)."""
 
     def prepare(sample: _Sample) -> tuple[_Sample, list[torch.Tensor]]:
@@ -484,7 +500,9 @@ class _Accumulator:
     def mean(self, count: int) -> torch.Tensor:
         return (self.sums[:count] / self.views[:count, None]).float()
 
-    def _run(self, size: tuple[int, int], batch_size: int, probabilities: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _run(
+        self, size: tuple[int, int], batch_size: int, probabilities: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         entries = self.pending.pop(size)
         owners = torch.cat([torch.full((v.shape[0],), i, dtype=torch.long) for i, v in entries])
         views = torch.cat([v for _, v in entries])
