@@ -3,7 +3,8 @@
 Input: a directory of posteriors files (`.npz`, `vgg.evaluate.Posteriors`), searched recursively. Each file's
 meta says what it is (keys the evaluation writes; see `vgg.evaluate.posteriors`):
 - `config`: "A", "A-LRN", "B", "C", "D", "E"; a fusion's `models` lists its configurations (["D", "E"]);
-- `train_scale`: {"label", "s_min", "s_max", optional "kind": "low" | "high" | "jitter"};
+- `train_scale`: {"label", "s_min", "s_max", optional "kind": "low" | "high" | "jitter"} (`checkpoint_meta`);
+  a file without it (e.g. torchvision's weights) is listed under "All results" but placed in no table;
 - `mode`: "dense" | "multicrop" | "dense+multicrop";
 - `scales`: the test scales Q (one → single-scale, several → multi-scale).
 Rows line up with the paper's by scale KIND, not value: the small profile's S=40 sits beside the paper's
