@@ -85,11 +85,15 @@ def test_decode_rgb_drafts_to_at_least_min_side_and_matches_a_full_decode():
         decode_rgb(data[:200], min_side=None)
 
 
+def chw(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 def test_decode_chw_is_the_pil_decode():
     data = encode(smooth(90, 70))
-    assert torch.equal(decode_chw(data, min_side=40), torch.from_numpy(np.asarray(decode_rgb(data, min_side=None))).permute(2, 0, 1))
+    assert torch.equal(decode_chw(data, min_side=40), chw(decode_rgb(data, min_side=None)))
     big = encode(smooth(400, 300))  # ≥ 2 × min_side: decoded in the DCT at 1/2
-    assert torch.equal(decode_chw(big, min_side=100), torch.from_numpy(np.asarray(decode_rgb(big, min_side=100))).permute(2, 0, 1))
+    assert torch.equal(decode_chw(big, min_side=100), chw(decode_rgb(big, min_side=100)))
     assert decode_chw(big, min_side=100).shape == (3, 150, 200)
 
 

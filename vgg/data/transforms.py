@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode  # also loads torchvision's image ops (torch.ops.image)
 
 from vgg.config import ScaleRange
 from vgg.errors import ConfigError, DataError
@@ -96,7 +96,9 @@ def decode_chw(jpeg: bytes, *, min_side: int) -> torch.Tensor:
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return pixels.view(image.height, image.width, 3).permute(2, 0, 1)
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        # The op behind torchvision.io.decode_jpeg (pinned torchvision 0.29), called directly: the wrapper warns
+        # on every call that torchvision's decoders are deprecated for TorchCodec, which costs ~80 µs per image.
+        return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), ImageReadMode.RGB.value, False)
     except RuntimeError as error:
         raise DataError(f"cannot decode JPEG: {error}; re-run `vgg ingest` on the source") from None
 
@@ -118,9 +120,10 @@ def crop_window(image: torch.Tensor, *, side: int, left: int, top: int, crop: in
         span_y, span_x = min(math.ceil(crop / fy), height), min(math.ceil(crop / fx), width)
         y0 = min(int(top / fy + 0.5), height - span_y)
         x0 = min(int(left / fx + 0.5), width - span_x)
-        window = torch.ops.aten._upsample_bicubic2d_aa(
-            image[None, :, y0 : y0 + span_y, x0 : x0 + span_x], [crop, crop], False, fy, fx
-        )[0]
+        # The resampler is ~2.5× faster on a contiguous channels_last input than on a strided view (copying the
+        # window costs ~25 µs), and then writes channels_last, the batch's layout.
+        window = image[None, :, y0 : y0 + span_y, x0 : x0 + span_x].contiguous(memory_format=torch.channels_last)
+        window = torch.ops.aten._upsample_bicubic2d_aa(window, [crop, crop], False, fy, fx)[0]
     return window.flip(-1) if flip else window
 
 
