@@ -43,6 +43,8 @@ import tarfile
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
@@ -195,6 +197,8 @@ def ingest(
         }
         _write_file(staging / "stats.json", _json_bytes(stats.to_json()))
         _publish(out, staging, [r.file for split in SPLITS for r in by_split[split]], index)
+    except BrokenProcessPool:
+        raise DataError(f"an ingest worker process died (out of memory?) while writing {out}; retry with fewer workers") from None
     except OSError as error:
         if error.errno in NO_SPACE:
             raise DataError(
@@ -340,21 +344,22 @@ def _plan(
 
 
 def _run(tasks: list[_Task], *, workers: int, progress: bool, total: int) -> list[_Result]:
-    """Write every shard; results in task order whatever the scheduling (`imap` keeps order)."""
+    """Write every shard; results in task order whatever the scheduling (`map` yields in task order)."""
     results: list[_Result] = []
     bar = tqdm(total=total, unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    # spawn, not fork: no inherited threads or locks; a worker that dies breaks the pool (BrokenProcessPool) instead
+    # of being replaced forever as in multiprocessing.Pool.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     try:
-        for result in pool.imap(_write_shard, tasks, chunksize=1) if pool else map(_write_shard, tasks):
+        for result in pool.map(_write_shard, tasks) if pool else map(_write_shard, tasks):
             results.append(result)
             bar.update(result.count + len(result.skipped))
             bar.set_postfix_str(f"{sum(r.bytes_read for r in results) / 1e6 / (time.perf_counter() - started):.1f} MB/s read")
     finally:
         bar.close()
         if pool:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
     return results
 
 

@@ -15,7 +15,7 @@ owner, mode, USTAR), a fixed gzip header, a fixed MAT-file header text, and one 
 
 What an image shows: on a cluttered background (colour gradient + low-frequency colour blotches + pixel noise) a few
 solid-coloured distractor shapes of OTHER families and a few strokes, then the class object: a shape family filled
-with a two-colour texture, at a random position, rotation and scale (diameter 20–80% of the smallest side, so scale
+with a two-colour texture, at a random position, rotation and scale (diameter ~20–80% of the smallest side, so scale
 jittering and multi-scale testing can help), in random colours. Class `i` is the pair (shape i mod 10, texture
 (i + ⌊i/10⌋) mod 10) and, from 100 classes on, a texture frequency, so every class of up to 1000 is distinct. No
 colour or global statistic identifies a class: all colours are drawn from the same distributions for every class.
@@ -31,9 +31,11 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import multiprocessing
 import os
 import tarfile
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +55,14 @@ TEXTURES = ("stripes", "checker", "rings", "dots", "spokes", "grid", "gradient",
 QUIRKS_TRAIN = (("png", 1), ("cmyk", 3), ("gray", 3))
 QUIRKS_VAL = (("cmyk", 2), ("gray", 2))
 SUPERSAMPLE = 2  # masks are drawn at 2× and box-filtered: anti-aliased edges
-OBJECT_RADIUS = (0.10, 0.40)  # × smallest side: object diameter 20–80% of it
-DISTRACTORS = (2, 6)  # solid shapes of other families per image, inclusive
-DISTRACTOR_RADIUS = (0.05, 0.18)  # × smallest side
-STROKES = (1, 3)
+# Difficulty, tuned with a VGG-A of the small profile's widths at S = 40, 32-px crops: these settings train
+# slower than an uncluttered variant (74% vs 63% val top-1 error after ~10 epochs of 1,500 images) and faster
+# than a denser clutter (83%); all three start at chance (90%).
+OBJECT_RADIUS = (0.11, 0.42)  # × smallest side: object diameter 22–84% of it
+DISTRACTORS = (1, 4)  # solid shapes of other families per image, inclusive
+DISTRACTOR_RADIUS = (0.04, 0.12)  # × smallest side: diameter 8–24%
+STROKES = (0, 2)
+POOL_MIN_IMAGES = 256  # below this per worker, starting processes (~1 s each) costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,12 @@ def class_design(label: int) -> tuple[str, str, float]:
     return SHAPES[shape], TEXTURES[(shape + tens) % 10], 1.0 + 0.15 * ((tens + hundreds) % 10)
 
 
-def synthesize(out_dir: str | os.PathLike[str], config: SynthConfig, *, progress: bool = False) -> SynthReport:
+def synthesize(
+    out_dir: str | os.PathLike[str], config: SynthConfig, *, progress: bool = False, workers: int | None = None
+) -> SynthReport:
     """Write the three ILSVRC-2012 archives of the generated dataset into `out_dir` (created if needed; each archive
-    replaced atomically, other files left alone). Identical `config` → byte-identical archives."""
+    replaced atomically, other files left alone). Identical `config` → byte-identical archives, whatever `workers`
+    (processes drawing images; default: all CPUs; a pool is only started for ≥ POOL_MIN_IMAGES images)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     synsets = leaf_synsets()
@@ -91,23 +100,35 @@ def synthesize(out_dir: str | os.PathLike[str], config: SynthConfig, *, progress
     val_names = [f"ILSVRC2012_val_{number:08d}.JPEG" for number in range(1, len(val_labels) + 1)]
     quirks = _quirks(train_names, val_names, config.seed)
 
-    bar = tqdm(total=len(val_names) + sum(map(len, train_names)), unit="img", desc="synth", disable=not progress)
-    with bar:
-        order = np.random.default_rng((config.seed, 3)).permutation(len(classes))  # the real archive is not sorted
+    # Archive order: classes in a seeded order (the real archive is not sorted), members shuffled within a class.
+    order = [int(label) for label in np.random.default_rng((config.seed, 3)).permutation(len(classes))]
+    members = {
+        label: [int(i) for i in np.random.default_rng((config.seed, 4, label)).permutation(config.train_per_class)]
+        for label in order
+    }
+    jobs = [(config, 0, label, index, quirks.get(train_names[label][index])) for label in order for index in members[label]]
+    jobs += [(config, 1, int(label), index, quirks.get(name)) for index, (name, label) in enumerate(zip(val_names, val_labels))]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // POOL_MIN_IMAGES))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    files = pool.map(_image_job, jobs, chunksize=16) if pool else map(_image_job, jobs)  # in job order either way
+    bar = tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress)
+    try:
         with _AtomicTar(out / TRAIN_ARCHIVE) as train_tar:
             for label in order:
                 inner = io.BytesIO()
                 with _writer(inner) as inner_tar:
-                    names = train_names[label]
-                    for index in np.random.default_rng((config.seed, 4, int(label))).permutation(len(names)):
-                        data = image_file(config, split=0, label=int(label), index=int(index), quirk=quirks.get(names[index]))
-                        _add(inner_tar, names[index], data)
+                    for index in members[label]:
+                        _add(inner_tar, train_names[label][index], next(files))
                         bar.update()
                 _add(train_tar, f"{classes[label]}.tar", inner.getvalue())
         with _AtomicTar(out / VAL_ARCHIVE) as val_tar:
-            for index, (name, label) in enumerate(zip(val_names, val_labels)):
-                _add(val_tar, name, image_file(config, split=1, label=int(label), index=index, quirk=quirks.get(name)))
+            for name in val_names:
+                _add(val_tar, name, next(files))
                 bar.update()
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
     _write_devkit(out / DEVKIT_ARCHIVE, synsets, config, val_labels)
     return SynthReport(out=out, classes=tuple(classes), train=sum(map(len, train_names)), val=len(val_names), quirks=quirks)
 
@@ -132,6 +153,11 @@ def _quirks(train: list[list[str]], val: list[str], seed: int) -> dict[str, str]
                 if index is not None:
                     quirks[names[index]] = kind
     return quirks
+
+
+def _image_job(job: tuple[SynthConfig, int, int, int, str | None]) -> bytes:
+    config, split, label, index, quirk = job
+    return image_file(config, split=split, label=label, index=index, quirk=quirk)
 
 
 def image_file(config: SynthConfig, *, split: int, label: int, index: int, quirk: str | None) -> bytes:
@@ -162,7 +188,7 @@ def render(config: SynthConfig, *, split: int, label: int, index: int) -> Image.
     shape, texture, frequency = class_design(label)
 
     s = SUPERSAMPLE  # clutter is drawn at s× and box-filtered down: anti-aliased edges
-    canvas = _background(rng, width, height).resize((width * s, height * s), Image.BILINEAR)
+    canvas = _background(rng, width, height, scale=s)
     others = [name for name in SHAPES if name != shape]
     for _ in range(int(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1))):  # distractors: solid shapes of other families, under the object
         family = others[int(rng.integers(len(others)))]
@@ -180,16 +206,16 @@ def render(config: SynthConfig, *, split: int, label: int, index: int) -> Image.
     mask, band = _shape_mask(shape, centre, radius, theta, width, height, border=0.22 * radius if texture == "outline" else 0)
     pattern = _texture(texture, frequency, rng, centre, radius, theta, width, height, band)
     first, second = _contrasting_colours(rng)
-    fill = first + pattern[..., None] * (second - first)
-    canvas.paste(Image.fromarray(fill.astype(np.uint8), "RGB"), (0, 0), mask.reduce(s))
+    weight = Image.fromarray((pattern * 255 + 0.5).astype(np.uint8), "L")
+    fill = Image.composite(Image.new("RGB", canvas.size, second), Image.new("RGB", canvas.size, first), weight)
+    canvas.paste(fill, (0, 0), mask.reduce(s))
 
     noise = rng.standard_normal((height, width, 3), dtype=np.float32) * rng.uniform(2, 8)
     return Image.fromarray(np.clip(np.asarray(canvas, np.float32) + noise + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    red, green, blue = (int(c) for c in rng.integers(0, 256, 3))
-    return red, green, blue
+    return _rgb(rng.integers(0, 256, 3))
 
 
 def _inside(rng: np.random.Generator, radius: float, side: int) -> float:
@@ -203,25 +229,34 @@ def _grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(width, dtype=np.float32)[None, :] + 0.5, np.arange(height, dtype=np.float32)[:, None] + 0.5
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A colour ramp in a random direction mixed with low-frequency colour blotches (a 3×4 grid, bicubic)."""
-    x, y = _grid(width, height)
+def _background(rng: np.random.Generator, width: int, height: int, *, scale: int) -> Image.Image:
+    """A colour ramp in a random direction mixed with low-frequency colour blotches (a random 3×4 colour grid).
+    Both are smooth, so they are computed on a coarse grid and resized (bicubic) to `scale`× the image size."""
+    coarse = 16
+    x = np.linspace(0, width, coarse, dtype=np.float32)[None, :]
+    y = np.linspace(0, height, coarse, dtype=np.float32)[:, None]
     angle = rng.uniform(0, 2 * math.pi)
     ramp = x * math.cos(angle) + y * math.sin(angle)
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     start, end = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
-    canvas = start + ramp[..., None] * (end - start)
-    blotches = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), "RGB").resize((width, height), Image.BICUBIC)
-    return Image.fromarray((0.6 * canvas + 0.4 * np.asarray(blotches, np.float32)).astype(np.uint8), "RGB")
+    gradient = start + ramp[..., None] * (end - start)
+    blotches = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), "RGB").resize((coarse, coarse), Image.BICUBIC)
+    mixed = Image.fromarray((0.6 * gradient + 0.4 * np.asarray(blotches, np.float32)).astype(np.uint8), "RGB")
+    return mixed.resize((width * scale, height * scale), Image.BICUBIC)
 
 
-def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Two RGB colours at least 60 apart in luma, so the texture is visible in colour and in grayscale."""
     luma = np.array([0.299, 0.587, 0.114])
     while True:
-        first, second = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        first, second = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
         if abs(float(luma @ (first - second))) >= 60:
-            return first.astype(np.float32), second.astype(np.float32)
+            return _rgb(first), _rgb(second)
+
+
+def _rgb(values: np.ndarray) -> tuple[int, int, int]:
+    red, green, blue = (int(v) for v in values)
+    return red, green, blue
 
 
 def _circle(cx: float, cy: float, r: float, points: int = 40) -> list[tuple[float, float]]:
