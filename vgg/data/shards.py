@@ -24,7 +24,7 @@ images at shard_size 64 → 24 shards, enough for 2 ranks × 2 workers × severa
 
 Safety: shards are written into a private staging folder inside OUT and renamed into place only when every shard,
 stats.json and the index are ready; on any failure (disk full included) the staging folder is removed and an
-existing complete output stays untouched. Re-running with the same input (same images, max_side, shard_size) is a
+existing complete output stays untouched (a killed run's staging folder is removed by the next run). Re-running with the same input (same images, max_side, shard_size) is a
 no-op; OUT holding the output of a different input is refused unless `overwrite=True`.
 """
 
@@ -167,7 +167,8 @@ def ingest(
         return _report_from_index(out, previous, seconds=time.perf_counter() - started)
     _check_out(out, previous, source, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-
+    for stale in out.glob(".ingest-*"):  # the staging folder of a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=out))
     except OSError as error:

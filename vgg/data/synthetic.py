@@ -402,6 +402,7 @@ class _AtomicTar:
         finally:
             self.file.close()
             if kind is None:
+                os.chmod(self.temporary, 0o644)  # mkstemp makes it 0600
                 os.replace(self.temporary, self.path)
             else:
                 os.unlink(self.temporary)
@@ -442,6 +443,7 @@ def _write_devkit(path: Path, synsets: list[tuple[str, str]], config: SynthConfi
             file.write(buffer.getvalue())
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
