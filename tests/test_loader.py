@@ -82,7 +82,8 @@ def write_shards(root: Path, splits: dict[str, list[int]], *, classes: int | Non
                         "__key__": f"{split}_{i:05d}",
                         "jpg": data,
                         "cls": str(label).encode(),
-                        "json": json.dumps({"wnid": f"n{label:08d}", "source": f"{split}_{i:05d}.JPEG", "size": list(size)}).encode(),
+                        "json": json.dumps({"wnid": f"n{label:08d}", "source": f"{split}_{i:05d}.JPEG",
+                                            "size": list(size)}).encode(),
                     })
                     i += 1
             digest = hashlib.sha256((root / file).read_bytes()).hexdigest()
@@ -130,7 +131,9 @@ def test_every_sample_once_across_two_ranks_and_two_workers(shards):
     index = read_index(shards)
     assert batches_per_epoch(index, batch_size=4, world_size=2) == 6
     assert [len(batches) for batches in ranks] == [6, 6]
-    assert len(train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=1, world_size=2, workers=2, epoch=0, seed=7)) == 6
+    loader = train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=1, world_size=2, workers=2, epoch=0,
+                           seed=7)
+    assert len(loader) == 6
     labels = [int(label) for batches in ranks for batch in batches for label in batch.labels]
     assert sorted(labels) == list(range(48))  # 48 = 2 ranks × 6 batches × 4: every sample exactly once
     batch = ranks[0][0]
@@ -179,7 +182,7 @@ def test_start_batch_resumes_exactly(shards, workers):
                                      workers=workers, epoch=3, seed=7, start_batch=start))
         assert len(resumed) == 12 - start
         for a, b in zip(full[start:], resumed, strict=True):
-            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.colour, b.colour)
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_colour_alpha_is_normal_with_std_0_1(tmp_path):
@@ -190,7 +193,8 @@ def test_colour_alpha_is_normal_with_std_0_1(tmp_path):
 
 
 def test_val_batches_cover_every_sample_once(shards):
-    ranks = [list(val_batches(shards, q=48, crop=CROP, batch_size=4, rank=rank, world_size=2, workers=2)) for rank in range(2)]
+    ranks = [list(val_batches(shards, q=48, crop=CROP, batch_size=4, rank=rank, world_size=2, workers=2))
+             for rank in range(2)]
     assert [len(b) for b in ranks] == [3, 3]  # 11 and 12 samples: 4+4+3 and 4+4+4
     assert len(val_batches(shards, q=48, crop=CROP, batch_size=4, rank=0, world_size=2, workers=2)) == 3
     labels = [int(label) for batches in ranks for batch in batches for label in batch.labels]
@@ -254,7 +258,8 @@ def test_missing_or_corrupt_inputs_give_one_line_data_errors(tmp_path, shards):
     assert "train-000001.tar" in text and "vgg ingest" in text
     tar.unlink()
     assert "is missing" in message(lambda: read_index(bad))
-    assert "fewer than batch_size" in message(lambda: batches_per_epoch(read_index(shards), batch_size=25, world_size=2))
+    index = read_index(shards)
+    assert "fewer than batch_size" in message(lambda: batches_per_epoch(index, batch_size=25, world_size=2))
     with pytest.raises(DataError, match="no split 'test'"):
         list(iter_samples(shards, "test"))
     with pytest.raises(ConfigError, match="start_batch"):
@@ -266,7 +271,8 @@ def test_reads_what_vgg_ingest_writes(tmp_path):
     from vgg.data.shards import ingest
     from vgg.data.synthetic import synthesize
 
-    synthesize(tmp_path / "raw", SynthConfig(classes=3, train_per_class=12, val_per_class=4, min_side=48, max_side=120, seed=0))
+    config = SynthConfig(classes=3, train_per_class=12, val_per_class=4, min_side=48, max_side=120, seed=0)
+    synthesize(tmp_path / "raw", config)
     ingest(tmp_path / "raw", tmp_path / "out", max_side=72, shard_size=8, workers=1)
     index = read_index(tmp_path / "out", verify=True)
     assert index.split("train").count == 36 and len(index.classes) == 3

@@ -14,7 +14,16 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from vgg.config import ScaleRange
-from vgg.data.transforms import CentreCrop, TrainCrop, crop_window, decode_chw, decode_rgb, jpeg_size, rescale, scaled_size
+from vgg.data.transforms import (
+    CentreCrop,
+    TrainCrop,
+    crop_window,
+    decode_chw,
+    decode_rgb,
+    jpeg_size,
+    rescale,
+    scaled_size,
+)
 from vgg.errors import ConfigError, DataError
 
 
@@ -115,8 +124,8 @@ def test_rescale_is_torchvision_bicubic_resize(size):
         assert error.max() <= 2 and error.float().mean() < 0.1
 
 
-@pytest.mark.parametrize("size,scale,crop", [((500, 375), (256, 256), 224), ((96, 72), (40, 72), 32), ((60, 40), (48, 64), 32),
-                                             ((640, 480), (40, 56), 32)])
+@pytest.mark.parametrize("size,scale,crop", [((500, 375), (256, 256), 224), ((96, 72), (40, 72), 32),
+                                             ((60, 40), (48, 64), 32), ((640, 480), (40, 56), 32)])
 def test_train_crop_shapes_and_determinism(size, scale, crop):
     data = encode(smooth(*size))
     transform = TrainCrop(scale=ScaleRange(*scale), crop=crop)
@@ -131,7 +140,8 @@ def test_fixed_scale_is_exact_and_the_crop_lies_inside_the_rescaled_image():
     for side in (40, 56, 72, 100):
         transform = TrainCrop(scale=ScaleRange(side, side), crop=crop)
         scaled_width, scaled_height = scaled_size((width, height), side)
-        reads = [read_back(transform(data, np.random.default_rng(seed)), width=width, height=height) for seed in range(40)]
+        reads = [read_back(transform(data, np.random.default_rng(seed)), width=width, height=height)
+                 for seed in range(40)]
         assert all(abs(s - side) < 0.5 for s, *_ in reads)
         lefts, tops = [r[1] for r in reads], [r[2] for r in reads]
         assert min(lefts) > -0.7 and max(lefts) < scaled_width - crop + 0.7
@@ -147,7 +157,8 @@ def test_jittered_scale_is_uniform_over_the_range_and_flips_half_the_time():
     sides = np.array([r[0] for r in reads])
     assert np.abs(sides - sides.round()).max() < 0.3  # integer S
     assert set(sides.round().astype(int)) == set(range(40, 73))  # every S of U[40, 72], both ends included
-    assert abs(sides.mean() - 56) < 2.5 and abs(sides.std() - np.sqrt((33**2 - 1) / 12)) < 1.0  # ±4.5σ, ±2.5σ of 300 draws
+    # ±4.5σ and ±2.5σ of 300 draws
+    assert abs(sides.mean() - 56) < 2.5 and abs(sides.std() - np.sqrt((33**2 - 1) / 12)) < 1.0
     flips = sum(r[3] for r in reads)
     assert 120 < flips < 180
 
@@ -170,7 +181,8 @@ def test_train_crop_is_a_window_of_the_rescaled_image():
         return pixels.unfold(1, crop, 1).unfold(2, crop, 1)  # [3, rows, cols, crop, crop]
 
     def errors(out: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        return torch.stack([(windows - view.float()[:, None, None]).abs().mean((0, 3, 4)) for view in (out, out.flip(-1))])
+        views = (out.float(), out.flip(-1).float())
+        return torch.stack([(windows - view[:, None, None]).abs().mean((0, 3, 4)) for view in views])
 
     # 128×96 at S = 48: decoded at 1/2 in the DCT, no resampling: exactly a window.
     data, crop = encode(smooth(128, 96, seed=5), quality=95), 32

@@ -174,7 +174,9 @@ def _verify_shard(shard: Shard, fix: str) -> None:
     with open(shard.path, "rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
     if digest != shard.sha256:
-        raise DataError(f"{shard.path}: sha256 {digest[:12]}… does not match the index ({shard.sha256[:12]}…); {fix}")
+        raise DataError(
+            f"{shard.path}: sha256 {digest[:12]}… does not match the index ({shard.sha256[:12]}…); {fix}"
+        )
     count = sum(1 for _ in _read_tar(shard.path, start=0, stop=None, wanted=frozenset()))
     if count != shard.count:
         raise DataError(f"{shard.path}: holds {count} samples, the index says {shard.count}; {fix}")
@@ -247,11 +249,15 @@ def _jpeg_label(shard: Shard, key: str, fields: Mapping[str, bytes], classes: in
     except ValueError:
         label = -1
     if not 0 <= label < classes:
-        raise DataError(f"{shard.path}: sample {key}: class {fields['cls'][:20]!r} is not in 0..{classes - 1}; re-run `vgg ingest`")
+        raise DataError(
+            f"{shard.path}: sample {key}: class {fields['cls'][:20]!r} is not in 0..{classes - 1}; re-run `vgg ingest`"
+        )
     return fields["jpg"], label
 
 
-def _read_tar(path: Path, *, start: int, stop: int | None, wanted: frozenset[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _read_tar(
+    path: Path, *, start: int, stop: int | None, wanted: frozenset[str] | None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples [start, stop) of a WebDataset tar as (key, {extension: bytes}), reading only the members whose
     extension is in `wanted` (None: all). Members of one sample are consecutive and share the key: the name up
     to the first dot of its last path component (WebDataset's rule). Handles ustar, GNU long names and pax."""
@@ -331,6 +337,10 @@ def _read_exact(file: BinaryIO, offset: int, size: int, path: Path) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- batches
+
+
+Run = tuple[Shard, int, int]  # samples [first, end) of one shard
+Item = tuple[Shard, str, dict[str, bytes]]  # a sample read for a batch: its shard, key and members
 
 
 class Batch(NamedTuple):
@@ -471,7 +481,7 @@ def _check_layout(*, batch_size: int, rank: int, world_size: int, workers: int) 
         raise ConfigError(f"workers: must be >= 0 (0 = in-process), got {workers}")
 
 
-def _segments(shards: Sequence[Shard], start: int, stop: int) -> list[tuple[Shard, int, int]]:
+def _segments(shards: Sequence[Shard], start: int, stop: int) -> list[Run]:
     """Samples [start, stop) of the stream that concatenates `shards`, as (shard, first, end) runs."""
     runs, offset = [], 0
     for shard in shards:
@@ -482,7 +492,7 @@ def _segments(shards: Sequence[Shard], start: int, stop: int) -> list[tuple[Shar
     return runs
 
 
-def _read_runs(runs: Iterable[tuple[Shard, int, int]], wanted: frozenset[str]) -> Iterator[tuple[Shard, str, dict[str, bytes]]]:
+def _read_runs(runs: Iterable[Run], wanted: frozenset[str]) -> Iterator[Item]:
     """The samples of one run after another, failing when a shard holds fewer samples than its index entry."""
     for shard, lo, hi in runs:
         seen = lo
@@ -490,10 +500,12 @@ def _read_runs(runs: Iterable[tuple[Shard, int, int]], wanted: frozenset[str]) -
             seen += 1
             yield shard, key, fields
         if seen != hi:
-            raise DataError(f"{shard.path}: holds fewer samples than index.json says ({shard.count}); re-run `vgg ingest`")
+            raise DataError(
+                f"{shard.path}: holds fewer samples than index.json says ({shard.count}); re-run `vgg ingest`"
+            )
 
 
-def _interleaved(runs: Sequence[tuple[Shard, int, int]], rng: random.Random) -> Iterator[tuple[Shard, str, dict[str, bytes]]]:
+def _interleaved(runs: Sequence[Run], rng: random.Random) -> Iterator[Item]:
     """Samples of `runs`, drawn at random from up to `_OPEN_SHARDS` runs read at once."""
     pending, open_runs = deque(runs), []
     while pending or open_runs:
@@ -521,7 +533,7 @@ def _shuffled(items: Iterable[Any], rng: random.Random, size: int) -> Iterator[A
     yield from buffer
 
 
-_TRAIN_FIELDS = frozenset(["jpg", "cls"])
+_TRAIN_FIELDS = frozenset(["jpg", "cls"])  # tar members the batch streams read; others are seeked over
 
 
 class _SampleRandom:
@@ -549,7 +561,7 @@ class _TrainStream(IterableDataset):
     def __init__(
         self,
         *,
-        segments: list[list[tuple[Shard, int, int]]],
+        segments: list[list[Run]],
         counts: list[int],
         transform: TrainCrop,
         batch_size: int,
@@ -582,7 +594,7 @@ class _TrainStream(IterableDataset):
             if number >= skip:
                 yield self._batch(chunk, sample_random)
 
-    def _batch(self, chunk: list[tuple[Shard, str, dict[str, bytes]]], sample_random: _SampleRandom) -> Batch:
+    def _batch(self, chunk: list[Item], sample_random: _SampleRandom) -> Batch:
         crop = self.transform.crop
         images = torch.empty((len(chunk), crop, crop, 3), dtype=torch.uint8)
         colour = np.empty((len(chunk), 3), dtype=np.float32)
@@ -600,13 +612,13 @@ class _TrainStream(IterableDataset):
 
 
 class _ValStream(IterableDataset):
-    def __init__(self, *, segments: list[list[tuple[Shard, int, int]]], transform: CentreCrop, batch_size: int, classes: int) -> None:
+    def __init__(self, *, segments: list[list[Run]], transform: CentreCrop, batch_size: int, classes: int) -> None:
         self.segments, self.transform, self.batch_size, self.classes = segments, transform, batch_size, classes
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         runs = self.segments[info.id if info else 0]
-        chunk: list[tuple[Shard, str, dict[str, bytes]]] = []
+        chunk: list[Item] = []
         for item in _read_runs(runs, _TRAIN_FIELDS):
             chunk.append(item)
             if len(chunk) == self.batch_size:
@@ -615,7 +627,7 @@ class _ValStream(IterableDataset):
         if chunk:
             yield self._batch(chunk)
 
-    def _batch(self, chunk: list[tuple[Shard, str, dict[str, bytes]]]) -> Batch:
+    def _batch(self, chunk: list[Item]) -> Batch:
         crop = self.transform.crop
         images = torch.empty((len(chunk), crop, crop, 3), dtype=torch.uint8)
         labels = []

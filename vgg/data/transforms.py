@@ -5,14 +5,15 @@ Scale convention (§3.1): an image is rescaled isotropically so that its smalles
 
 Resampling: antialiased bicubic. `rescale` (PIL images, used by evaluation) is PIL's bicubic resize, whose
 filter support widens with the downscale factor (antialiasing). The training hot path resamples uint8 tensors
-with `torch.nn.functional.interpolate(mode="bicubic", antialias=True)`, which implements the same filter: it
-matches PIL within 2 grey levels (mean < 0.1) and is 4–6× faster here. Training resamples only the crop window of the
-rescaled image, straight from the decoded image (the window's origin is rounded to a whole source pixel, so it
-sits within ½ source px of the exact window and its border pixels see no neighbours outside the window).
+with the kernel of `torch.nn.functional.interpolate(mode="bicubic", antialias=True)`, which implements the
+same filter: it matches PIL within 2 grey levels (mean < 0.1) and is 4–6× faster here. Training resamples only
+the crop window of the rescaled image, straight from the decoded image; the window's origin is rounded to a
+whole source pixel (within ½ source px of the exact window) and its border pixels see no neighbours outside it.
 
-Decoding: libjpeg-turbo via torchvision (bit-identical to PIL's decoder, ~1.3× faster); when the image is at
-least twice the target scale, PIL's JPEG draft mode decodes it at 1/2, 1/4 or 1/8 size in the DCT, which is
-much cheaper, keeping the smallest side ≥ the target scale.
+Decoding: libjpeg-turbo through torchvision's decode op (bit-identical to PIL's decoder, ~1.3× faster; note
+torchvision 0.29 deprecates its decoders in favour of TorchCodec). When the image is at least twice the target
+scale, PIL's JPEG draft mode decodes it at 1/2, 1/4 or 1/8 size in the DCT, which is much cheaper, keeping the
+smallest side ≥ the target scale.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def decode_chw(jpeg: bytes, *, min_side: int) -> torch.Tensor:
     try:
         # The op behind torchvision.io.decode_jpeg (pinned torchvision 0.29), called directly: the wrapper warns
         # on every call that torchvision's decoders are deprecated for TorchCodec, which costs ~80 µs per image.
-        return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), ImageReadMode.RGB.value, False)
+        data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+        return torch.ops.image.decode_jpeg(data, ImageReadMode.RGB.value, False)
     except RuntimeError as error:
         raise DataError(f"cannot decode JPEG: {error}; re-run `vgg ingest` on the source") from None
 
@@ -107,9 +109,10 @@ def crop_window(image: torch.Tensor, *, side: int, left: int, top: int, crop: in
     """The crop × crop window at (left, top) of `image` (uint8 [3, h, w]) rescaled to smallest side `side`, as
     uint8 [3, crop, crop], mirrored left–right when `flip`.
 
-    Only the window is resampled, with exactly the full rescale's scale factors (the op behind
-    `F.interpolate(..., antialias=True)`, called with both the output size and the factors); the window's origin
-    is rounded to a whole source pixel, within ½ source px of the exact window.
+    Only the window is resampled, with exactly the full rescale's scale factors (the binding that
+    `F.interpolate(mode="bicubic", antialias=True)` calls, given both the output size and the factors, which
+    `F.interpolate` cannot); the window's origin is rounded to a whole source pixel, within ½ source px of the
+    exact window.
     """
     height, width = image.shape[1:]
     scaled_width, scaled_height = scaled_size((width, height), side)
@@ -123,7 +126,7 @@ def crop_window(image: torch.Tensor, *, side: int, left: int, top: int, crop: in
         # The resampler is ~2.5× faster on a contiguous channels_last input than on a strided view (copying the
         # window costs ~25 µs), and then writes channels_last, the batch's layout.
         window = image[None, :, y0 : y0 + span_y, x0 : x0 + span_x].contiguous(memory_format=torch.channels_last)
-        window = torch.ops.aten._upsample_bicubic2d_aa(window, [crop, crop], False, fy, fx)[0]
+        window = torch._C._nn._upsample_bicubic2d_aa(window, [crop, crop], False, fy, fx)[0]
     return window.flip(-1) if flip else window
 
 
@@ -141,7 +144,9 @@ class TrainCrop:
 
     def __post_init__(self) -> None:
         if not 0 < self.crop <= self.scale.s_min:
-            raise ConfigError(f"crop: must be in 1..s_min={self.scale.s_min} px to fit the rescaled image, got {self.crop}")
+            raise ConfigError(
+                f"crop: must be in 1..s_min={self.scale.s_min} px to fit the rescaled image, got {self.crop}"
+            )
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
         u_side, u_left, u_top, u_flip = rng.random(4)

@@ -1,0 +1,207 @@
+"""Throughput of our training input pipeline against torchvision's ImageFolder and against the decode ceiling,
+measured in the same run on the same JPEGs.
+
+Per profile, N generated JPEGs are written twice: as WebDataset shards per the on-disk contract (read by
+`vgg.data.loader.train_batches`) and as an ImageFolder tree of `.JPEG` files. Every pipeline runs in a torch
+DataLoader with the same number of worker processes and the same batch size, and is timed over full passes
+(worker start-up included), best of `--repeats` interleaved rounds (the machine is shared):
+
+- ours: shards → decode (draft when S ≪ image) → S-rescaled random crop window → flip → uint8 batch, PCA alpha.
+- imagefolder-rrc: ImageFolder + torchvision's reference training transforms: RandomResizedCrop(crop),
+  RandomHorizontalFlip, ToTensor, Normalize.
+- imagefolder-resize: ImageFolder + Resize(S) (S = the middle of the profile's range), RandomCrop(crop),
+  RandomHorizontalFlip, ToTensor, Normalize (the paper's fixed-S recipe in torchvision terms).
+- decode-pil / decode-tv: the ceiling, each worker only decoding its share of the JPEG bytes (already in memory)
+  to full-size RGB with PIL / with torchvision.io (libjpeg-turbo, the same pixels, less overhead).
+
+Profiles: paper (~500×375 ImageNet-like JPEGs, S=256, crop 224) and small (JPEGs as `vgg ingest` stores them
+at max_side 72, S ~ U[40, 72], crop 32).
+
+    python benchmarks/input_pipeline.py results/bench_input_pipeline.json
+    python benchmarks/input_pipeline.py out.json --profiles small --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import webdataset as wds
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from vgg.config import ScaleRange
+from vgg.data.loader import train_batches
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision reference ImageNet normalisation
+CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Setup:
+    sizes: tuple[tuple[int, int], ...]  # (width, height) px of the generated JPEGs, cycled
+    scale: ScaleRange
+    crop: int  # px
+    images: int
+    batch_size: int
+    shard_size: int
+
+
+PROFILES = {
+    # ImageNet's typical sizes (Flickr's 500 px long side; mean ≈ 400×350, ~110 KB).
+    "paper": Setup(((500, 375), (375, 500), (500, 333), (500, 400), (453, 340)), ScaleRange(256, 256), 224,
+                   480, 32, 64),
+    # What `vgg ingest` stores at max_side 72: smallest side ≤ 72 (generated images are 48–160 px).
+    "small": Setup(((96, 72), (72, 96), (72, 72), (64, 48), (108, 72)), ScaleRange(40, 72), 32, 2000, 64, 200),
+}
+
+
+def photo(size: tuple[int, int], seed: int) -> bytes:
+    """A JPEG with photo-like statistics: smooth colour fields, edges, and sensor-like noise (quality 90)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    field = Image.fromarray(rng.integers(0, 256, (height // 40 + 2, width // 40 + 2, 3), dtype=np.uint8))
+    image = field.resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(8, width // 3)), int(rng.integers(8, height // 3))
+        draw.ellipse([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-10, 11, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_datasets(root: Path, setup: Setup) -> tuple[list[bytes], Path, Path]:
+    """The same JPEGs as contract shards (root/shards) and as an ImageFolder (root/folder)."""
+    jpegs = [photo(setup.sizes[i % len(setup.sizes)], i) for i in range(setup.images)]
+    shards, folder = root / "shards", root / "folder"
+    shards.mkdir(parents=True)
+    entries = []
+    for number, first in enumerate(range(0, len(jpegs), setup.shard_size)):
+        path = shards / f"train-{number:06d}.tar"
+        chunk = range(first, min(first + setup.shard_size, len(jpegs)))
+        with wds.TarWriter(str(path), mtime=0) as writer:
+            for i in chunk:
+                writer.write({"__key__": f"img_{i:06d}", "cls": str(i % CLASSES).encode(), "jpg": jpegs[i],
+                              "json": json.dumps({"size": list(setup.sizes[i % len(setup.sizes)])}).encode()})
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        entries.append({"file": path.name, "count": len(chunk), "sha256": digest})
+    index = {"format": 1, "classes": [f"n{c:08d}" for c in range(CLASSES)], "names": [str(c) for c in range(CLASSES)],
+             "max_side": max(max(size) for size in setup.sizes), "source": {"kind": "benchmark"},
+             "splits": {"train": {"count": len(jpegs), "shards": entries}}, "converted": [], "skipped": []}
+    (shards / "index.json").write_text(json.dumps(index))
+    for c in range(CLASSES):
+        (folder / f"n{c:08d}").mkdir(parents=True)
+    for i, data in enumerate(jpegs):
+        (folder / f"n{i % CLASSES:08d}" / f"img_{i:06d}.JPEG").write_bytes(data)
+    return jpegs, shards, folder
+
+
+class DecodeOnly(IterableDataset):
+    """The ceiling: worker w decodes JPEGs w, w+W, … from memory and yields one count per batch."""
+
+    def __init__(self, jpegs: list[bytes], *, batch_size: int, decoder: str) -> None:
+        self.jpegs, self.batch_size, self.decoder = jpegs, batch_size, decoder
+
+    def __iter__(self) -> Iterator[int]:
+        info = get_worker_info()
+        mine = self.jpegs[info.id :: info.num_workers] if info else self.jpegs
+        for first in range(0, len(mine), self.batch_size):
+            for data in mine[first : first + self.batch_size]:
+                if self.decoder == "pil":
+                    Image.open(io.BytesIO(data)).convert("RGB")
+                else:
+                    decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            yield len(mine[first : first + self.batch_size])
+
+
+def timed_pass(batches) -> tuple[int, float]:
+    started = time.perf_counter()
+    images = 0
+    for batch in batches:
+        images += batch if isinstance(batch, int) else len(batch[1])
+    return images, time.perf_counter() - started
+
+
+def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Path) -> dict:
+    jpegs, shards, folder = write_datasets(root / name, setup)
+    side = setup.scale.single_q
+    normalise = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+    folders = {
+        "imagefolder-rrc": T.Compose([T.RandomResizedCrop(setup.crop), *normalise]),
+        "imagefolder-resize": T.Compose([T.Resize(side), T.RandomCrop(setup.crop), *normalise]),
+    }
+
+    def pipelines(epoch: int) -> dict:
+        loaders = {"ours": train_batches(shards, scale=setup.scale, crop=setup.crop, batch_size=setup.batch_size,
+                                         rank=0, world_size=1, workers=workers, epoch=epoch, seed=0)}
+        for key, transform in folders.items():
+            loaders[key] = DataLoader(ImageFolder(str(folder), transform=transform), batch_size=setup.batch_size,
+                                      shuffle=True, num_workers=workers, drop_last=True)
+        for decoder in ("pil", "tv"):
+            loaders[f"decode-{decoder}"] = DataLoader(DecodeOnly(jpegs, batch_size=setup.batch_size, decoder=decoder),
+                                                      batch_size=None, num_workers=workers)
+        return loaders
+
+    best: dict[str, float] = {}
+    for round_ in range(repeats):
+        for key, loader in pipelines(round_).items():
+            images, seconds = timed_pass(loader)
+            best[key] = max(best.get(key, 0.0), images / seconds)
+    ceiling = max(best["decode-pil"], best["decode-tv"])
+    return {
+        "setup": {**asdict(setup), "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1)},
+        "images_per_s": {key: round(value, 1) for key, value in best.items()},
+        "ours_vs": {
+            "decode_ceiling": round(best["ours"] / ceiling, 3),
+            "decode_pil": round(best["ours"] / best["decode-pil"], 3),
+            "imagefolder_rrc": round(best["ours"] / best["imagefolder-rrc"], 3),
+            "imagefolder_resize": round(best["ours"] / best["imagefolder-resize"], 3),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="JSON results file")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per pipeline")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds; the best is kept")
+    parser.add_argument("--profiles", nargs="+", choices=sorted(PROFILES), default=["paper", "small"])
+    args = parser.parse_args()
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+               "workers": args.workers, "profiles": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.profiles:
+            results["profiles"][name] = run_profile(name, PROFILES[name], workers=args.workers,
+                                                    repeats=args.repeats, root=Path(tmp))
+    keys = ["ours", "imagefolder-rrc", "imagefolder-resize", "decode-pil", "decode-tv"]
+    print(f"{'images/s (' + str(args.workers) + ' workers)':26s}" + "".join(f"{key:>20s}" for key in keys))
+    for name, result in results["profiles"].items():
+        print(f"{name:26s}" + "".join(f"{result['images_per_s'][key]:20.0f}" for key in keys))
+    for name, result in results["profiles"].items():
+        ratios = ", ".join(f"{value:.2f}× {key}" for key, value in result["ours_vs"].items())
+        print(f"{name}: ours = {ratios}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_name(args.out.name + ".tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(temporary, args.out)
+
+
+if __name__ == "__main__":
+    main()
