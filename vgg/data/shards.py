@@ -166,10 +166,10 @@ def ingest(
     if previous is not None and previous.get("source") == source and _complete(out, previous):
         return _report_from_index(out, previous, seconds=time.perf_counter() - started)
     _check_out(out, previous, source, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".ingest-*"):  # the staging folder of a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".ingest-*"):  # the staging folder of a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=out))
     except OSError as error:
         raise DataError(f"cannot write to {out}: {error.strerror}; choose a writable OUT") from None
@@ -179,7 +179,7 @@ def ingest(
         by_split = {split: [r for t, r in zip(tasks, results) if t.file.startswith(f"{split}-") and r.count] for split in SPLITS}
         if not by_split["train"] or not by_split["val"]:
             raise DataError(f"no decodable images left in {'train' if not by_split['train'] else 'val'} of {raw}; see the skipped list")
-        stats = colour_stats([r for r in by_split["train"]])
+        stats = colour_stats(by_split["train"])
         index = {
             "format": FORMAT,
             "classes": list(dataset.classes),
