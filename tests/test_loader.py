@@ -285,3 +285,32 @@ def test_reads_what_vgg_ingest_writes(tmp_path):
     samples = list(iter_samples(tmp_path / "out", "val"))
     assert len(samples) == 12 and samples[0].key == "ILSVRC2012_val_00000001"
     assert sum(len(b.labels) for b in val_batches(tmp_path / "out", q=56, crop=CROP, batch_size=5, workers=2)) == 12
+
+
+def test_resume_does_not_decode_skipped_samples(tmp_path):
+    # One sample's JPEG is garbage: the uninterrupted epoch fails at the batch holding it; resuming after that
+    # batch succeeds, so the skipped samples were read but never decoded.
+    shards = write_shards(tmp_path / "s", {"train": [12, 12]})
+    tar = shards / "train-000001.tar"
+    data = tar.read_bytes()
+    at = data.index(b"\xff\xd8\xff", data.index(b"train_00015.jpg"))
+    tar.write_bytes(data[:at] + b"\x00" * 4 + data[at + 4 :])  # same length: only the JPEG's header is broken
+    args = dict(scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=0, epoch=0, seed=1)
+    good = []
+    with pytest.raises(DataError, match="train_00015"):
+        for batch in train_batches(shards, **args):
+            good.append(batch)
+    rest = list(train_batches(shards, **args, start_batch=len(good) + 1))
+    assert len(good) + 1 + len(rest) == 6
+    assert 15 not in {int(label) for batch in good + rest for label in batch.labels}
+
+
+def test_verify_checks_the_sample_count(tmp_path):
+    shards = write_shards(tmp_path / "s", {"train": [5, 4]})
+    index = json.loads((shards / "index.json").read_text())
+    index["splits"]["train"]["shards"][0]["count"] = 6
+    index["splits"]["train"]["count"] = 10
+    (shards / "index.json").write_text(json.dumps(index))
+    read_index(shards)  # counts are only checked against the tars when verifying (that reads every byte)
+    with pytest.raises(DataError, match="holds 5 samples, the index says 6"):
+        read_index(shards, verify=True)
