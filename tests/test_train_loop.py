@@ -463,7 +463,8 @@ def test_bf16_autocast_runs_on_cpu_close_to_fp32() -> None:
         result = run(model, data, config, validate=lambda m: (50.0, 0.0))
         losses[setting], dtypes[setting] = result.history[0]["train/loss"], set(seen)
         assert model.features[0].weight.dtype == torch.float32  # master weights stay fp32
-        assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        nhwc = model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert nhwc == (setting == "bf16")  # the layout policy: NHWC for oneDNN's bf16 path only
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
 
@@ -474,6 +475,11 @@ def test_precision_policy() -> None:
     assert precision.resolve("fp32", cuda) == torch.float32
     assert precision.resolve("bf16", CPU) == torch.bfloat16
     assert precision.resolve("auto", CPU) == (torch.bfloat16 if precision.cpu_has_amx_bf16() else torch.float32)
+    # Channels-last only where its kernels are faster: cuDNN, and oneDNN's bf16 path; never when not asked for.
+    assert precision.channels_last(True, device=cuda, dtype=torch.float32)
+    assert precision.channels_last(True, device=CPU, dtype=torch.bfloat16)
+    assert not precision.channels_last(True, device=CPU, dtype=torch.float32)
+    assert not precision.channels_last(False, device=cuda, dtype=torch.bfloat16)
 
 
 # --- evaluation helper ----------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def fit(
     ddp = isinstance(model, DistributedDataParallel)
     core = model.module if ddp else model
     dtype = precision.resolve(config.precision, device)
-    precision.place(core, device=device, channels_last=config.channels_last)
+    channels_last = precision.channels_last(config.channels_last, device=device, dtype=dtype)
+    precision.place(core, config=config, device=device)
     preprocess.to(device)
     optimizer = make_optimizer(core, config, lr)
     schedule = PlateauSchedule.from_config(config, lr=lr)
@@ -165,8 +166,7 @@ def fit(
             torch.manual_seed(_step_seed(config.seed, rank, state.global_step))  # dropout masks of this step
             state.loss_sum += _step(
                 step_model, model if ddp else None, group_batches,
-                optimizer=optimizer, preprocess=preprocess, device=device, dtype=dtype,
-                channels_last=config.channels_last,
+                optimizer=optimizer, preprocess=preprocess, device=device, dtype=dtype, channels_last=channels_last,
             )
             images = sum(int(batch[1].shape[0]) for batch in group_batches)
             state.images += images

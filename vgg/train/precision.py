@@ -1,8 +1,9 @@
 """Device and precision policy: which dtype the forward pass runs in, and how the model is laid out in memory.
 
 `auto` means bf16 autocast where the hardware does bf16 matrix maths natively — CUDA, or a CPU with AMX-BF16
-(STACK.md: ~4x faster than fp32 there for a VGG-A step). Elsewhere bf16 on CPU is emulated and slower than fp32,
-so `auto` stays fp32. Weights, optimizer state and the loss stay fp32 in every case (autocast casts per op).
+(STACK.md: ~4x faster than fp32 there for a VGG-A step). Elsewhere `auto` stays fp32: on the AVX2-only dev
+machine (AMD EPYC, no AVX512-BF16/AMX) a bf16 3x3 conv costs 10-35x the CPU time of fp32. Weights, optimizer
+state and the loss stay fp32 in every case (autocast casts per op).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from vgg.config import TrainConfig
 
 Setting = Literal["auto", "fp32", "bf16"]
 
@@ -40,13 +43,21 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def place(model: nn.Module, *, device: torch.device, channels_last: bool) -> nn.Module:
-    """Move `model` to `device` (in place), in channels-last layout when asked (oneDNN/cuDNN prefer NHWC for bf16).
+def channels_last(requested: bool, *, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether to lay the model and its input out channels-last: when `requested` and the kernels gain from it —
+    cuDNN (CUDA) and oneDNN's bf16 convolutions. In fp32 on the AVX2 dev machine a VGG-A forward+backward took
+    ~20% more CPU time in NHWC than in NCHW, so fp32 on CPU stays NCHW."""
+    return requested and (device.type == "cuda" or dtype == torch.bfloat16)
+
+
+def place(model: nn.Module, *, config: TrainConfig, device: torch.device) -> nn.Module:
+    """Move `model` to `device` (in place), channels-last where `channels_last` says so for this config and device.
 
     Call it before wrapping the model in DistributedDataParallel: DDP's gradient buckets follow the layout the
-    parameters have when it is constructed.
+    parameters have when it is constructed. `fit` calls it too (a no-op on a placed model).
     """
     model.to(device)
-    if channels_last:
+    dtype = resolve(config.precision, device)
+    if channels_last(config.channels_last, device=device, dtype=dtype):
         model.to(memory_format=torch.channels_last)
     return model
