@@ -22,6 +22,7 @@ from torch import Tensor, nn
 import vgg.models
 from pipelines.params import load_profile
 from vgg.config import TrainConfig
+from vgg.data.loader import ColourStats, Preprocess
 from vgg.errors import CheckpointError, DataError
 from vgg.train import checkpoint, precision
 from vgg.train.loop import Hooks, evaluate_errors, fit
@@ -98,6 +99,15 @@ class Tiny(nn.Module):
         return self.classifier(self.features(x))
 
 
+def paper_preprocess() -> Preprocess:
+    """The real input transform on the 0–255 scale: mean RGB off, AlexNet's PCA colour shift from `colour`."""
+    return Preprocess(ColourStats(
+        mean_rgb=torch.tensor([112.0, 112.0, 112.0]),
+        eigval=torch.tensor([55.5, 4.8, 1.1]),  # AlexNet's lighting eigenvalues × 255
+        eigvec=torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]),
+    ))
+
+
 def small_vgg() -> nn.Module:
     """Table-1 configuration A at the small profile's scale (dropout 0.5 on FC6/FC7 active in training)."""
     torch.manual_seed(0)
@@ -106,12 +116,14 @@ def small_vgg() -> nn.Module:
 
 def run(model: nn.Module, data: Quadrants, config: TrainConfig, *, val: Quadrants | None = None,
         hooks: Hooks | None = None, resume: dict | None = None, validate=None):
+    """fit() on `data`; the Table-1 VGG gets the real Preprocess, the tiny test nets the [-0.5, 0.5] stand-in."""
+    preprocess = paper_preprocess() if isinstance(model, vgg.models.VGG) else Scale()
     if validate is None:
         def validate(m: nn.Module) -> tuple[float, float]:
             source = val or data
-            return evaluate_errors(model=m, batches=source.batches(0, 0), preprocess=Scale(), device=CPU)
+            return evaluate_errors(model=m, batches=source.batches(0, 0), preprocess=preprocess, device=CPU)
     return fit(model=model, config=config, lr=config.lr, batches=data.batches, steps_per_epoch=data.steps,
-               validate=validate, preprocess=Scale(), device=CPU, header=HEADER, hooks=hooks, resume=resume)
+               validate=validate, preprocess=preprocess, device=CPU, header=HEADER, hooks=hooks, resume=resume)
 
 
 def without_speed(history) -> list[dict]:
