@@ -70,7 +70,7 @@ class _Progress:
     history: list[dict[str, float]]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, *, config: TrainConfig, lr: float) -> torch.optim.SGD:
     """SGD with momentum 0.9 and weight decay 5e-4 on every parameter (§3.1), one group, fused kernel (CPU, CUDA)."""
     return torch.optim.SGD(
         model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
@@ -121,7 +121,7 @@ def fit(
     channels_last = precision.channels_last(config.channels_last, device=device, dtype=dtype)
     precision.place(core, config=config, device=device)
     preprocess.to(device)
-    optimizer = make_optimizer(core, config, lr)
+    optimizer = make_optimizer(core, config=config, lr=lr)
     schedule = PlateauSchedule.from_config(config, lr=lr)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     state = _Progress(epoch=0, step_in_epoch=0, global_step=0, loss_sum=zero.clone(), images=0, history=[])
