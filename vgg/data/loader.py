@@ -423,7 +423,7 @@ def train_batches(
     per_rank = index.split("train").count // world_size
     lanes = max(workers, 1)
     counts = [len(range(lane, batches, lanes)) for lane in range(lanes)]  # batches of each worker lane
-    starts = np.cumsum([0, *counts]) * batch_size + rank * per_rank
+    starts = [rank * per_rank + sum(counts[:lane]) * batch_size for lane in range(lanes)]  # lanes' first samples
     dataset = _TrainStream(
         segments=[_segments(shards, start, start + count * batch_size) for start, count in zip(starts, counts)],
         counts=counts,

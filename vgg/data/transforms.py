@@ -149,13 +149,13 @@ class TrainCrop:
             )
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
-        u_side, u_left, u_top, u_flip = rng.random(4)
+        u_side, u_left, u_top, u_flip = rng.random(4).tolist()  # Python floats: cheaper arithmetic than numpy's
         side = self.scale.s_min + int(u_side * (self.scale.s_max - self.scale.s_min + 1))
         image = decode_chw(jpeg, min_side=side)
         width, height = scaled_size((image.shape[2], image.shape[1]), side)
         left = int(u_left * (width - self.crop + 1))
         top = int(u_top * (height - self.crop + 1))
-        return crop_window(image, side=side, left=left, top=top, crop=self.crop, flip=bool(u_flip < 0.5))
+        return crop_window(image, side=side, left=left, top=top, crop=self.crop, flip=u_flip < 0.5)
 
 
 @dataclass(frozen=True)
