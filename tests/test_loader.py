@@ -215,18 +215,19 @@ def test_preprocess_subtracts_the_mean_exactly_and_keeps_channels_last():
     assert torch.equal(out, images.float() - stats.mean_rgb.view(1, 3, 1, 1))
     alpha = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.0, 0.0]])
     shifted = Preprocess(stats)(images, alpha)
-    offset = stats.eigvec @ (alpha[0] * stats.eigval)
+    offset = stats.eigvec @ (alpha[0] * stats.eigval / 255)  # AlexNet's [0, 1]-scale offset, in 0–255 units
     assert torch.allclose(shifted[0], out[0] + offset.view(3, 1, 1), atol=1e-4)
     assert torch.equal(shifted[1], out[1])
 
 
 def test_pca_shift_has_the_alexnet_covariance():
-    # AlexNet lighting: offset = eigvec @ (alpha · eigval), alpha ~ N(0, 0.1) → Cov = V diag((0.1·λ)²) Vᵀ.
+    # AlexNet lighting on [0, 1] pixels, in 0–255 units: offset = eigvec @ (alpha · λ₂₅₅ / 255), alpha ~ N(0, 0.1)
+    # → Cov = V diag((0.1·λ₂₅₅/255)²) Vᵀ.
     eigvec = torch.linalg.qr(torch.tensor(STATS["eigvec"], dtype=torch.float64))[0].float()
     stats = ColourStats(mean_rgb=torch.zeros(3), eigval=torch.tensor(STATS["eigval"]), eigvec=eigvec)
     alpha = torch.randn(20_000, 3, generator=torch.Generator().manual_seed(0)) * ALPHA_STD
     offsets = Preprocess(stats)(torch.zeros(20_000, 3, 1, 1, dtype=torch.uint8), alpha)[:, :, 0, 0]
-    expected = eigvec @ torch.diag((ALPHA_STD * stats.eigval) ** 2) @ eigvec.T
+    expected = eigvec @ torch.diag((ALPHA_STD * stats.eigval / 255) ** 2) @ eigvec.T
     assert torch.allclose(torch.cov(offsets.T), expected, atol=0.03 * expected.abs().max().item())
 
 
@@ -314,3 +315,16 @@ def test_verify_checks_the_sample_count(tmp_path):
     read_index(shards)  # counts are only checked against the tars when verifying (that reads every byte)
     with pytest.raises(DataError, match="holds 5 samples, the index says 6"):
         read_index(shards, verify=True)
+
+
+def test_pca_shift_matches_alexnet_on_the_unit_scale():
+    # Oracle: the widely used ImageNet lighting constants are given for pixels in [0, 1] (eigenvalues 0.2175,
+    # 0.0188, 0.0045). The same statistics on our 0–255 scale have eigenvalues 255² times larger; the shift we add
+    # must be exactly 255 × the unit-scale shift — a few grey levels, not hundreds.
+    unit_eigval = torch.tensor([0.2175, 0.0188, 0.0045])
+    eigvec = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    stats = ColourStats(mean_rgb=torch.zeros(3), eigval=unit_eigval * 255**2, eigvec=eigvec)
+    alpha = torch.tensor([[0.1, -0.1, 0.1]])
+    shifted = Preprocess(stats)(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), alpha)[0, :, 0, 0]
+    assert torch.allclose(shifted, 255 * (eigvec @ (alpha[0] * unit_eigval)), rtol=1e-5)
+    assert shifted.abs().max() < 10  # grey levels

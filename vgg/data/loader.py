@@ -645,17 +645,24 @@ class _ValStream(IterableDataset):
 # ---------------------------------------------------------------------------------------------------- device
 
 
+# AlexNet's lighting noise is defined on pixels scaled to [0, 1]: offset = eigvec @ (alpha · λ) with λ the eigenvalues
+# of the [0, 1]-scale RGB covariance (0.2175, 0.0188, 0.0045 for ImageNet, i.e. offsets of ~0.02 ≈ 5/255). Our
+# stats are on the 0–255 scale, where λ₂₅₅ = 255² · λ₀₁; the same offset in 0–255 units is 255 · eigvec @ (alpha ·
+# λ₀₁) = eigvec @ (alpha · λ₂₅₅ / 255). (Using λ₂₅₅ directly would add offsets of ~±270 levels and drown the image.)
+LIGHTING_SCALE = 1.0 / 255.0
+
+
 class Preprocess(nn.Module):
     """uint8 images → float32 network input on the training device, 0–255 scale (as the paper/Caffe; no division
-    by a std): + the PCA colour shift eigvec @ (alpha · eigval) per image when `colour` (alpha) is given
-    (AlexNet lighting, §3.1), − the training-set mean RGB (§2.1, the only pre-processing). Keeps the input's
-    memory format (channels_last stays channels_last). Move it to the device with the model; copy batches with
-    `.to(device, non_blocking=True)` before calling it."""
+    by a std): + the PCA colour shift eigvec @ (alpha · eigval / 255) per image when `colour` (alpha) is given
+    (AlexNet lighting, §3.1; see LIGHTING_SCALE), − the training-set mean RGB (§2.1, the only pre-processing).
+    Keeps the input's memory format (channels_last stays channels_last). Move it to the device with the model;
+    copy batches with `.to(device, non_blocking=True)` before calling it."""
 
     def __init__(self, stats: ColourStats) -> None:
         super().__init__()
         self.register_buffer("mean_rgb", stats.mean_rgb.detach().clone().float())
-        self.register_buffer("eigval", stats.eigval.detach().clone().float())
+        self.register_buffer("eigval", stats.eigval.detach().clone().float() * LIGHTING_SCALE)
         self.register_buffer("eigvec", stats.eigvec.detach().clone().float())
 
     def forward(self, images: Tensor, colour: Tensor | None = None) -> Tensor:
