@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,6 +46,155 @@ def profile(
     """Print the resolved profile (after overrides) as YAML-like nested keys."""
     resolved = _profile(params, profile, set_)
     _print_tree(resolved.to_dict())
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="directory for the three ILSVRC-2012 archives")],
+    params: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Generate the embedded default dataset in the raw ILSVRC-2012 archive layout (the profile's `synth`)."""
+    from vgg.data.synthetic import synthesize
+
+    resolved = _profile(params, profile, set_)
+    resolved.require_raw_source()
+    if resolved.data.raw:
+        out.mkdir(parents=True, exist_ok=True)
+        typer.echo(f"profile {resolved.name} reads real ImageNet from {resolved.data.raw}; nothing to generate")
+        return
+    report = synthesize(out, resolved.synth, progress=True)
+    typer.echo(f"wrote {report.train} train + {report.val} val images of {len(report.classes)} classes to {out} "
+               f"({len(report.quirks)} quirky files: PNG named .JPEG, CMYK, grayscale)")
+
+
+@app.command()
+def ingest(
+    raw: Annotated[Optional[Path], typer.Argument(help="raw ILSVRC-2012 directory (default: the profile's data.raw)")] = None,
+    out: Annotated[Path, typer.Option("--out", help="directory for the shards, index.json, stats.json")] = Path("shards"),
+    workers: Annotated[int, typer.Option(help="processes decoding and writing shards")] = os.cpu_count() or 1,
+    overwrite: Annotated[bool, typer.Option(help="replace an OUT that holds shards of a different input")] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Raw archives (or the extracted layout) → WebDataset shards + index.json + stats.json."""
+    from vgg.data.shards import ingest as ingest_raw
+
+    resolved = _profile(params, profile, set_)
+    if raw is None:
+        resolved.require_raw_source()
+        raw = Path(resolved.data.raw)
+    report = ingest_raw(raw, out, max_side=resolved.data.max_side, shard_size=resolved.data.shard_size,
+                        workers=workers, overwrite=overwrite, progress=True)
+    typer.echo(report.summary())
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Option("--config", help="Table 1 configuration: A, A-LRN, B, C, D, E")],
+    scale: Annotated[str, typer.Option("--scale", help="training scale S: low, high or jitter (params.yaml scales)")],
+    shards: Annotated[Path, typer.Option("--shards", help="output of `vgg ingest`")],
+    out: Annotated[Path, typer.Option("--out", help="final model file to write")],
+    init: Annotated[Optional[Path], typer.Option("--init", help="checkpoint to start from: a trained A (warm start "
+                                                  "of B-E) or this configuration at another S (fine-tuning)")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Ray Train workers (default: train.workers)")] = None,
+    storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE",
+                                          help="Ray Train storage for checkpoints (shared on a cluster)")] = Path("ray_results"),
+    max_failures: Annotated[int, typer.Option(help="worker-group restarts from the last checkpoint")] = 2,
+    stage: Annotated[str, typer.Option(help="stage name for the MLflow tags")] = "train",
+    track: Annotated[bool, typer.Option(help="log the run to MLflow (MLFLOW_TRACKING_URI or ./mlflow.db)")] = True,
+    params: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+    set_: SetOption = None,
+) -> None:
+    """One training run of the protocol (§3.1) on Ray Train: local Ray, or the cluster in RAY_ADDRESS."""
+    overrides = list(set_ or []) + ([f"train.workers={workers}"] if workers is not None else [])
+    resolved = _profile(params, profile, overrides)
+    from pipelines import ray_train  # imports Ray and torch: only this command pays for them
+
+    metrics = ray_train.train(profile=resolved, config=config, scale=scale, shards=shards, out=out, init=init,
+                             storage=storage, max_failures=max_failures, stage=stage, track=track)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="`vgg train` checkpoint, or torchvision VGG weights with --torchvision")],
+    shards: Annotated[Path, typer.Option("--shards", help="output of `vgg ingest`")],
+    out: Annotated[Path, typer.Option("--out", help="posteriors file to write (.npz)")],
+    mode: Annotated[str, typer.Option(help="dense | multicrop | dense+multicrop (§3.2)")] = "dense",
+    scales: Annotated[str, typer.Option(help="single (Q from the training S) | multi (three Q) | explicit px list "
+                                        "like 256,384,512")] = "single",
+    torchvision: Annotated[Optional[str], typer.Option(help="the file is torchvision vgg11/13/16/19 weights of this "
+                                                       "configuration (A/B/D/E); needs explicit --scales")] = None,
+    split: Annotated[str, typer.Option(help="split of the shards to evaluate")] = "val",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    params: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Per-image softmax posteriors of one model in one evaluation mode, saved for fusion and the report."""
+    from vgg.config import ScaleRange
+    from vgg.errors import ConfigError
+    from vgg.evaluate.metrics import errors
+    from vgg.evaluate.posteriors import (TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model)
+    from vgg.train import checkpoint
+
+    resolved = _profile(params, profile, set_)
+    if scales in ("single", "multi"):
+        if torchvision:
+            raise ConfigError("--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
+        scale = ScaleRange(**checkpoint.load(model)["scale"])
+        q = [scale.single_q] if scales == "single" else list(scale.multi_q(resolved.eval.q_offset))
+    else:
+        try:
+            q = [int(value) for value in scales.split(",")]
+        except ValueError:
+            raise ConfigError(f"--scales: expected single, multi or a list of px like 256,384,512, got {scales!r}") from None
+    network = load_model(model, name=torchvision)
+    meta = {"config": torchvision, "source": str(model)} if torchvision else checkpoint_meta(model)
+    posteriors = compute_posteriors(
+        network, shards, split, mode=mode, scales=q, grid=resolved.eval.grid, batch_size=resolved.eval.batch_size,
+        device=device, precision="auto", channels_last=resolved.train.channels_last, progress=True,
+        preprocess=TorchvisionNormalize() if torchvision else None, meta=meta,
+    )
+    posteriors.save(out)
+    result = errors(posteriors)
+    typer.echo(f"{out}: {meta['config']} {mode} Q={q}: top-1 error {result['top1_err']:.2f}%, "
+               f"top-5 error {result['top5_err']:.2f}% on {len(posteriors.keys)} {split} images")
+
+
+@app.command()
+def fuse(
+    inputs: Annotated[list[Path], typer.Argument(help="posteriors files of the models to fuse (same images)")],
+    out: Annotated[Path, typer.Option("--out", help="fused posteriors file to write (.npz)")],
+) -> None:
+    """ConvNet fusion (§4.4): average the softmax posteriors of several models (or of dense and multi-crop)."""
+    from vgg.evaluate.metrics import errors
+    from vgg.evaluate.posteriors import Posteriors, fuse as fuse_posteriors
+
+    fused = fuse_posteriors([Posteriors.load(path) for path in inputs])
+    fused.save(out)
+    result = errors(fused)
+    typer.echo(f"{out}: {fused.meta.get('config')} fused from {len(inputs)} files: top-1 error "
+               f"{result['top1_err']:.2f}%, top-5 error {result['top5_err']:.2f}%")
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="directory of posteriors files (`vgg evaluate`, `vgg fuse`)")],
+    out: Annotated[Path, typer.Option("--out", help="directory for report.md, metrics.json and the plots")],
+    show: Annotated[bool, typer.Option(help="print the Markdown report")] = True,
+) -> None:
+    """The paper's Tables 3-6 with our numbers beside the paper's, findings, plots."""
+    from vgg.report import write_report
+
+    paths = write_report(results, out)
+    if show:
+        typer.echo(paths.markdown.read_text())
+    typer.echo(f"wrote {paths.markdown}, {paths.metrics} and {len(paths.plots)} plots in {out}")
 
 
 def _print_tree(tree: dict, indent: int = 0) -> None:

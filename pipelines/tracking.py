@@ -20,6 +20,9 @@ from typing import Any, Mapping
 from vgg.errors import VGGError
 
 
+RESUME_TAG = "vgg.resume_key"
+
+
 class TrackingError(VGGError):
     """The tracking store cannot be reached or written."""
 
@@ -71,6 +74,16 @@ def git_commit(root: Path) -> str:
     return f"{commit}+dirty" if dirty else commit
 
 
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], *, step: int) -> None:
+    """Log the numeric entries of `metrics` at `step`; usable from any process that can reach the store."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
+
+
 class TrackedRun:
     """One MLflow run, written through an explicit client (no global "active run" state)."""
 
@@ -83,7 +96,10 @@ class TrackedRun:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         parent_run_id: str | None = None,
+        resume_key: str | None = None,
     ) -> None:
+        """`resume_key`: a deterministic key of the work (e.g. the Ray run name); an unfinished run with the same key
+        (a crashed earlier attempt) is continued instead of starting a second run for the same work."""
         check_reachable(uri)
         import mlflow  # imported here: ~1 s, and only the commands that track pay it
         from mlflow.tracking import MlflowClient
@@ -97,25 +113,29 @@ class TrackedRun:
             all_tags = dict(tags)
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+            if resume_key:
+                all_tags[RESUME_TAG] = resume_key
+            earlier = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{RESUME_TAG}` = '{resume_key}'",
+                order_by=["attributes.start_time DESC"], max_results=1,
+            ) if resume_key else []
+            if earlier and earlier[0].info.status != "FINISHED":
+                run = earlier[0]
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            else:
+                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         except Exception as error:  # the store itself failed (bad path, server error): one line, not a traceback
             raise TrackingError(f"MLflow store {uri} cannot be written: {str(error).splitlines()[0]}") from None
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
-        items = [Param(key, value[:6000]) for key, value in sorted(params.items())]
+        logged = self.client.get_run(self.run_id).data.params  # a resumed run has them already
+        items = [Param(key, value[:6000]) for key, value in sorted(params.items()) if key not in logged]
         for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[start : start + 100])
-        self.history: dict[str, list[tuple[int, float]]] = {}
 
-    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
-        for key, value in numeric.items():
-            self.history.setdefault(key, []).append((step, value))
+    def log_metrics(self, metrics: Mapping[str, Any], *, step: int) -> None:
+        log_metrics(self.uri, self.run_id, metrics, step=step)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +148,9 @@ class TrackedRun:
 
     def log_curves(self, keys: tuple[str, ...] = ("train/loss", "val/top1_err", "val/top5_err", "lr")) -> None:
         """Training curves as one PNG artifact (`curves.png`), from the metrics this run logged."""
-        present = [key for key in keys if self.history.get(key)]
+        history = {key: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+                   for key in keys}
+        present = [key for key in keys if history[key]]
         if not present:
             return
         import matplotlib
@@ -138,7 +160,7 @@ class TrackedRun:
 
         figure, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
         for axis, key in zip(axes[0], present):
-            steps, values = zip(*self.history[key])
+            steps, values = zip(*history[key])
             axis.plot(steps, values, marker="o")
             axis.set_title(key)
             axis.set_xlabel("epoch")

@@ -320,6 +320,10 @@ def fuse(posteriors: Sequence[Posteriors]) -> Posteriors:
     probs = np.mean(np.stack([p.probs.astype(np.float64) for p in posteriors]), axis=0)
     models = [model for p in posteriors for model in p.meta.get("models", [p.meta.get("config", "?")])]
     meta: dict[str, Any] = {"config": "+".join(models), "models": models, "fused": [p.meta for p in posteriors]}
+    modes = sorted({p.meta.get("mode") for p in posteriors})
+    if len(set(models)) == 1 and modes == ["dense", "multicrop"]:
+        # One model's dense and multi-crop posteriors: the paper's "dense + multi-crop" (§4.3, Table 5).
+        meta.update(config=models[0], models=models[:1], mode="dense+multicrop")
     for key in ("mode", "scales", "train_scale", "crop", "grid", "split", "num_classes"):
         values = [p.meta.get(key) for p in posteriors]
         if values[0] is not None and all(value == values[0] for value in values):

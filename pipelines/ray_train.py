@@ -1,0 +1,352 @@
+"""One training run of the protocol on Ray Train (V2): a `TorchTrainer` whose workers call `vgg.train.fit`.
+
+Only the worker function knows about Ray. Rank 0 attaches checkpoints; every rank reports (a barrier). The run
+name is a fingerprint of everything that determines the result, so re-running the same command after a crash —
+of a worker (`FailureConfig`) or of this whole process — resumes from the last checkpoint, while a changed
+input starts afresh. The final model file is written by this driver, atomically, where the caller says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+from pipelines.tracking import TrackedRun, flatten, git_commit, log_metrics, tracking_uri
+from vgg.config import Profile, from_mapping
+from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches, val_batches
+from vgg.errors import CheckpointError, ConfigError, ModelError, VGGError
+from vgg.evaluate.posteriors import load_model
+from vgg.models import CONFIGS, from_config, warm_start
+from vgg.train import checkpoint, precision
+from vgg.train.loop import Hooks, evaluate_errors, fit
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# glibc malloc tuning for CPU training processes (STACK.md: the step is ~1.2-1.5x faster on this machine kind).
+WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+class ClusterError(VGGError):
+    """The Ray cluster cannot be reached or cannot host the requested workers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """Everything one `vgg train` needs; plain data so it travels to Ray workers."""
+
+    profile: Profile
+    config: str  # Table 1 name, A..E
+    scale: str  # low | high | jitter (params.yaml `scales`)
+    init: Path | None  # checkpoint to start from: an A for B..E (warm start), the same config for fine-tuning
+    shards: Path
+    out: Path  # where the final model is written
+    storage: Path  # Ray Train storage (checkpoints, run state); shared by all nodes on a cluster
+    max_failures: int  # worker-group restarts from the last checkpoint before giving up
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the result: resolved profile, config, scale, init weights, data index."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.profile.to_dict(), sort_keys=True).encode())
+        digest.update(f"{self.config}|{self.scale}".encode())
+        for path in (self.init, self.shards / "index.json"):
+            if path is not None:
+                digest.update(_file_sha256(path).encode())
+        return digest.hexdigest()[:12]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.profile.name}-{self.config}-{self.profile.scale(self.scale).label()}-{self.fingerprint()}"
+
+    @property
+    def lr(self) -> float:
+        """§3.1: fine-tuning from the same configuration (the higher S, jittered S) uses the lower lr."""
+        if self.init is not None and _checkpoint_config(self.init) == self.config:
+            return self.profile.train.fine_tune_lr
+        return self.profile.train.lr
+
+
+def check_job(job: TrainJob) -> None:
+    """Every user-fixable problem, found before Ray starts: one line each."""
+    if job.config not in CONFIGS:
+        raise ModelError(f"--config: unknown configuration {job.config!r}; choose one of {', '.join(CONFIGS)}")
+    job.profile.scale(job.scale)
+    index = read_index(job.shards)
+    if len(index.classes) != job.profile.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes: the profile says {job.profile.model.num_classes} but {job.shards} has "
+            f"{len(index.classes)} classes; use the matching profile or re-ingest"
+        )
+    if job.init is not None:
+        source = _checkpoint_config(job.init)
+        if source != job.config and not (source in ("A", "A-LRN") and job.config in ("B", "C", "D", "E")):
+            raise CheckpointError(
+                f"--init {job.init}: holds configuration {source}; {job.config} starts from a trained A "
+                "(warm start, B-E) or from a model of its own configuration (fine-tuning)"
+            )
+    _check_writable(job.out.parent, "--out")
+    _check_writable(job.storage, "--storage")
+
+
+def run(job: TrainJob, *, tracking: TrackedRun | None = None, progress: bool = True) -> dict[str, float]:
+    """Train on Ray (local, or the cluster in RAY_ADDRESS); write the final model to `job.out`; return the last
+    epoch's metrics. `tracking` receives rank 0's per-epoch metrics (logged from the driver side)."""
+    check_job(job)
+    connect()
+    train = job.profile.train
+    resources = _worker_resources(workers=train.workers, use_gpu=train.use_gpu)
+    callbacks = [MetricsCallback(tracking.uri, tracking.run_id)] if tracking is not None else []
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": _job_to_dict(job), "progress": progress},
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=str(job.storage.resolve()),
+            failure_config=FailureConfig(max_failures=job.max_failures),  # restart from the last checkpoint
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors; surface a user error as its own one line
+        raise _user_error(error) or error
+    if result.checkpoint is None:
+        raise ClusterError(f"training run {job.run_name} ended without a checkpoint; see the Ray logs above")
+    with result.checkpoint.as_directory() as directory:
+        payload = checkpoint.load(Path(directory) / CHECKPOINT_FILE, expect_config=job.config)
+    checkpoint.save(job.out, checkpoint.final(payload))
+    return dict(payload["train"]["history"][-1]) if payload["train"]["history"] else {}
+
+
+def train(
+    *,
+    profile: Profile,
+    config: str,
+    scale: str,
+    shards: Path,
+    out: Path,
+    init: Path | None,
+    storage: Path,
+    max_failures: int,
+    stage: str,
+    track: bool,
+) -> dict[str, float]:
+    """`vgg train`: one run of the protocol, tracked as one MLflow run whose final model is registered."""
+    # Absolute paths: Ray workers do not run in this directory (on a cluster they must be on shared storage).
+    job = TrainJob(profile=profile, config=config, scale=scale, init=init.absolute() if init else None,
+                   shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(), max_failures=max_failures)
+    check_job(job)
+    if not track:
+        return run(job)
+    root = Path.cwd()
+    scale_label = profile.scale(scale).label()
+    tags = {"stage": stage, "config": config, "scale": scale_label, "scale_kind": scale, "profile": profile.name,
+            "git_commit": git_commit(root), "init_source": str(init) if init else f"random ({profile.model.init})"}
+    params = {**flatten(profile.to_dict()), "job.config": config, "job.scale": scale, "job.lr": str(job.lr),
+              "job.init": str(init) if init else ""}
+    tracked = TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{profile.name}",
+                         run_name=f"{stage}-{config}-{scale_label}", tags=tags, params=params,
+                         resume_key=job.run_name)
+    try:
+        metrics = run(job, tracking=tracked)
+        tracked.log_dict(profile.to_dict(), "profile.json")
+        tracked.log_curves()
+        model = load_model(out)
+        example = torch.zeros(2, 3, profile.model.crop, profile.model.crop).numpy()
+        tracked.register_model(model, name=f"vgg-{config}", example=example, tags=tags)
+    except BaseException:
+        tracked.finish("FAILED")
+        raise
+    tracked.finish()
+    return metrics
+
+
+def connect() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray; one clear line when the address is unreachable."""
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address or None, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True,
+                     configure_logging=True, logging_level="WARNING", include_dashboard=False if not address else None)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"RAY_ADDRESS={address}" if address else "a local Ray instance"
+        raise ClusterError(
+            f"cannot connect to {where} ({str(error).splitlines()[0][:200]}); start the cluster "
+            "(`ray start --head`) or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
+def _worker_resources(*, workers: int, use_gpu: bool) -> dict[str, float]:
+    """Per-worker resources, after checking the cluster has them (otherwise Ray would wait forever)."""
+    available = ray.cluster_resources()
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    if use_gpu and gpus < workers:
+        raise ClusterError(
+            f"train.workers={workers} with use_gpu needs {workers} GPUs but the Ray cluster has {gpus:g}; "
+            "lower --workers or add GPU nodes"
+        )
+    if not use_gpu and cpus < workers:
+        raise ClusterError(
+            f"train.workers={workers} needs {workers} CPUs but the Ray cluster has {cpus:g}; lower --workers"
+        )
+    if use_gpu:
+        return {"CPU": 1.0, "GPU": 1.0}
+    # Locally, share the machine's cores among the workers (torch uses as many threads as the worker has CPUs).
+    return {"CPU": max(1.0, float(int(cpus // workers))) if not os.environ.get("RAY_ADDRESS") else 1.0}
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build loaders for this rank, the model, its initialisation; call `fit`."""
+    job = _job_from_dict(loop_config["job"])
+    profile, train = job.profile, job.profile.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    scale = profile.scale(job.scale)
+    header = checkpoint.header(config=job.config, profile=profile, scale=scale)
+
+    model = from_config(job.config, profile.model, generator=torch.Generator().manual_seed(train.seed))
+    resume = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            resume = checkpoint.load(Path(directory) / CHECKPOINT_FILE, expect_config=job.config)
+    elif job.init is not None:
+        _initialise_from(model, job)
+    precision.place(model, config=train, device=device)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    index = read_index(job.shards)
+    preprocess = Preprocess(read_stats(job.shards))
+    dtype = precision.resolve(train.precision, device)
+    channels_last = precision.channels_last(train.channels_last, device=device, dtype=dtype)
+    workers = profile.data.loader_workers
+
+    def batches(epoch: int, start: int):
+        return train_batches(job.shards, scale=scale, crop=profile.model.crop, batch_size=train.micro_batch,
+                             rank=rank, world_size=world, workers=workers, epoch=epoch, seed=train.seed,
+                             start_batch=start)
+
+    def validate(core: torch.nn.Module) -> tuple[float, float]:
+        val = val_batches(job.shards, q=scale.single_q, crop=profile.model.crop, batch_size=train.micro_batch,
+                          rank=rank, world_size=world, workers=workers)
+        return evaluate_errors(model=core, batches=val, preprocess=preprocess, device=device, dtype=dtype,
+                               channels_last=channels_last)
+
+    class RayHooks(Hooks):
+        """Every rank reports (Ray's report is a barrier); only rank 0 writes and attaches the checkpoint."""
+
+        def on_epoch_end(self, metrics, checkpoint_fn):
+            self._report(metrics, checkpoint_fn() if rank == 0 else None)
+
+        def on_checkpoint(self, payload):
+            self._report({"step": float(payload["train"]["global_step"])}, payload if rank == 0 else None)
+
+        @staticmethod
+        def _report(metrics, payload):
+            if payload is None:
+                ray.train.report(metrics)
+                return
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint.save(Path(directory) / CHECKPOINT_FILE, payload)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    fit(model=model, config=train, lr=job.lr, batches=batches,
+        steps_per_epoch=batches_per_epoch(index, batch_size=train.micro_batch, world_size=world),
+        validate=validate, preprocess=preprocess, device=device, header=header, hooks=RayHooks(),
+        resume=resume, progress=loop_config["progress"] and rank == 0)
+
+
+def _initialise_from(model: Any, job: TrainJob) -> None:
+    """§3.1: B..E start from a trained A (warm start); a higher or jittered S starts from the same configuration."""
+    source = load_model(job.init, model_config=job.profile.model)
+    if source.name == job.config:
+        model.load_state_dict(source.state_dict())
+    else:
+        warm_start(model, source)
+
+
+class MetricsCallback(UserCallback):
+    """Runs in Ray Train's controller (one process, whatever the number of workers): logs rank 0's per-epoch
+    metrics to the MLflow run the driver created, so a run is exactly one MLflow run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        epoch_metrics = metrics[0]
+        if "epoch" in epoch_metrics:  # not a mid-epoch checkpoint report
+            log_metrics(self.uri, self.run_id, epoch_metrics, step=int(epoch_metrics["epoch"]))
+
+
+def _user_error(error: BaseException) -> VGGError | None:
+    """The VGGError a worker raised, if that is what ended the run (Ray re-raises it wrapped)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, VGGError):
+            return type(current)(str(current))
+        for attribute in ("cause", "__cause__", "__context__"):
+            nested = getattr(current, attribute, None)
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+        for nested in getattr(current, "worker_failures", {}).values() if hasattr(current, "worker_failures") else ():
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+    return None
+
+
+def _job_to_dict(job: TrainJob) -> dict[str, Any]:
+    return {
+        "profile": job.profile.to_dict(), "config": job.config, "scale": job.scale,
+        "init": str(job.init) if job.init else None, "shards": str(job.shards), "out": str(job.out),
+        "storage": str(job.storage), "max_failures": job.max_failures,
+    }
+
+
+def _job_from_dict(data: dict[str, Any]) -> TrainJob:
+    return TrainJob(
+        profile=from_mapping(Profile, data["profile"]), config=data["config"], scale=data["scale"],
+        init=Path(data["init"]) if data["init"] else None, shards=Path(data["shards"]), out=Path(data["out"]),
+        storage=Path(data["storage"]), max_failures=data["max_failures"],
+    )
+
+
+def _checkpoint_config(path: Path) -> str:
+    return str(checkpoint.load(path)["config"])
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_writable(directory: Path, option: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{option}: cannot write to {directory} ({error.strerror}); pick a writable path") from None
