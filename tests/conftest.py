@@ -122,3 +122,43 @@ def ray_cluster(tmp_path_factory):
         for pgid in reversed(groups):
             stop_ray_group(pgid)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# A tiny profile of the same protocol for tests: 4 classes, a few dozen images, 2 epochs. Same keys as params.yaml.
+TINY_OVERRIDES = {
+    "synth": {"classes": 4, "train_per_class": 32, "val_per_class": 8, "min_side": 48, "max_side": 96, "seed": 0},
+    "data": {"shard_size": 16, "loader_workers": 0},
+    "model": {"num_classes": 4, "fc_width": 32},
+    "train": {"batch_size": 16, "micro_batch": 8, "max_epochs": 2, "patience": 1},
+    "eval": {"batch_size": 64},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tmp_path_factory) -> Path:
+    """A params.yaml whose active profile `tiny` is the small profile shrunk to seconds (TINY_OVERRIDES)."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tiny = params["profiles"]["small"]
+    for section, values in TINY_OVERRIDES.items():
+        tiny[section].update(values)
+    params["profiles"]["tiny"] = tiny
+    params["profile"] = "tiny"
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_params) -> Path:
+    """Real `vgg synth` + `vgg ingest` output of the tiny profile, made once per session (read-only for tests)."""
+    from pipelines.params import load_profile
+    from vgg.data.shards import ingest
+    from vgg.data.synthetic import synthesize
+
+    profile = load_profile(tiny_params)
+    root = tmp_path_factory.mktemp("tiny-data")
+    synthesize(root / "raw", profile.synth, workers=1)
+    ingest(root / "raw", root / "shards", max_side=profile.data.max_side, shard_size=profile.data.shard_size, workers=1)
+    return root / "shards"
