@@ -187,14 +187,66 @@ def report(
     results: Annotated[Path, typer.Argument(help="directory of posteriors files (`vgg evaluate`, `vgg fuse`)")],
     out: Annotated[Path, typer.Option("--out", help="directory for report.md, metrics.json and the plots")],
     show: Annotated[bool, typer.Option(help="print the Markdown report")] = True,
+    track: Annotated[bool, typer.Option(help="log the report to MLflow (MLFLOW_TRACKING_URI or ./mlflow.db)")] = True,
+    params: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+    set_: SetOption = None,
 ) -> None:
     """The paper's Tables 3-6 with our numbers beside the paper's, findings, plots."""
+    import json
+
     from vgg.report import write_report
 
+    resolved = _profile(params, profile, set_)
     paths = write_report(results, out)
     if show:
         typer.echo(paths.markdown.read_text())
     typer.echo(f"wrote {paths.markdown}, {paths.metrics} and {len(paths.plots)} plots in {out}")
+    if track:
+        from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
+
+        root = Path.cwd()
+        run = TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{resolved.name}", run_name="report",
+                         tags={"stage": "report", "profile": resolved.name, "git_commit": git_commit(root)},
+                         params=flatten(resolved.to_dict()))
+        numbers = {key.replace(".", "/"): float(value)
+                   for key, value in flatten(json.loads(paths.metrics.read_text())).items() if _is_number(value)}
+        run.log_metrics(numbers, step=0)
+        for path in (paths.markdown, paths.metrics, *paths.plots):
+            run.log_artifact(path)
+        run.finish()
+        typer.echo(f"logged to MLflow: experiment vgg-{resolved.name}, run {run.run_id}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text not in ("nan", "inf", "-inf", "None")
+
+
+@app.command()
+def demo(
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """The main job: the paper's whole protocol (`dvc repro`) on the profile in params.yaml, then the report."""
+    import subprocess
+    import time
+
+    from vgg.errors import ConfigError
+
+    resolved = _profile(params, None, None)
+    if not Path("dvc.yaml").is_file():
+        raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
+    started = time.monotonic()
+    if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"]).returncode != 0:
+        raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
+    report = Path("reports") / resolved.name / "report.md"
+    typer.echo(report.read_text())
+    typer.echo(f"protocol ({resolved.name} profile) up to date after {time.monotonic() - started:.0f} s")
+    typer.echo(f"report: {report}; plots: {report.parent}/*.png; metrics: dvc metrics show")
+    typer.echo("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
 
 
 def _print_tree(tree: dict, indent: int = 0) -> None:
