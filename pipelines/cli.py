@@ -231,6 +231,7 @@ def demo(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """The main job: the paper's whole protocol (`dvc repro`) on the profile in params.yaml, then the report."""
+    import contextlib
     import subprocess
     import time
 
@@ -240,8 +241,15 @@ def demo(
     if not Path("dvc.yaml").is_file():
         raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
     started = time.monotonic()
-    if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"]).returncode != 0:
-        raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if not env.get("RAY_ADDRESS"):
+            # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them.
+            from pipelines.cluster import local_cluster
+
+            env["RAY_ADDRESS"] = stack.enter_context(local_cluster()).address
+        if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], env=env).returncode != 0:
+            raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
     report = Path("reports") / resolved.name / "report.md"
     typer.echo(report.read_text())
     typer.echo(f"protocol ({resolved.name} profile) up to date after {time.monotonic() - started:.0f} s")

@@ -4,26 +4,19 @@ by their own process handles (never `ray stop`/`pkill`, which would hit processe
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from pipelines.cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -68,60 +61,17 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
-def _ray_start(args: list[str], log_path: Path) -> subprocess.Popen:
-    """`ray start` daemonises into the process group of the Popen below; that group is what we stop later."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([str(BIN / "ray"), "start", *args, "--disable-usage-stats"],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        if process.wait(timeout=120) != 0:
-            stop_ray_group(process.pid)
-            raise RuntimeError(f"ray start failed: {log_path.read_text()[-2000:]}")
-    return process
-
-
-def stop_ray_group(pgid: int) -> None:
-    """Stop the Ray daemons of one `ray start` by their process group: TERM, then KILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A real two-node local Ray cluster on 127.0.0.1 (head + one joined node), shared by every Ray test.
 
-    Yields the GCS address (`127.0.0.1:PORT`); tests pass it as RAY_ADDRESS. Each node has 2 logical CPUs so
-    two single-CPU workers can be placed one per node (STRICT_SPREAD) or both on one.
+    Yields {"address": GCS address for RAY_ADDRESS, "dashboard": job server URL, "temp": session dir}. Each node
+    has 2 logical CPUs, so two single-CPU workers can be placed one per node (STRICT_SPREAD) or both on one.
     """
-    temp = Path(tempfile.mkdtemp(prefix="vgg-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    port, dashboard = free_port(), free_port()
-    head = _ray_start(
-        ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--num-cpus", "2", "--temp-dir", str(temp)],
-        temp / "head.log",
-    )
-    groups = [head.pid]
-    try:
-        node = _ray_start(
-            ["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "2"],
-            temp / "node.log",
-        )
-        groups.append(node.pid)
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp": temp}
-    finally:
-        for pgid in reversed(groups):
-            stop_ray_group(pgid)
-        shutil.rmtree(temp, ignore_errors=True)
+    from pipelines.cluster import local_cluster
+
+    with local_cluster(nodes=2, cpus_per_node=2) as cluster:
+        yield {"address": cluster.address, "dashboard": cluster.dashboard, "temp": cluster.temp}
 
 
 # A tiny profile of the same protocol for tests: 4 classes, a few dozen images, 2 epochs. Same keys as params.yaml.
