@@ -12,7 +12,7 @@ What it measures, in order:
 4. model step: `vgg.train.loop.fit` on device-resident synthetic uint8 batches (bf16 autocast, channels_last,
    fused SGD, Preprocess with the PCA colour shift, dropout), epoch 2 of 2 timed; with cuDNN's heuristics
    (what fit does today) and with `torch.backends.cudnn.benchmark = True`; per batch size; `--compile` adds
-   `TrainConfig.compile`;
+   `TrainConfig.compile`; then one 8-step epoch under CUDA's sync debug mode counts fit's host synchronisations;
 5. input pipeline: the loader alone (`train_batches`, CPU decode workers) and the GPU decode alone
    (`DeviceTrainCrop`, nvJPEG), then `fit` fed by each. "steady" leaves out the first wave of batches (worker
    start-up), which an ImageNet epoch of 5,000 batches amortises;
