@@ -227,6 +227,38 @@ def _is_number(text: str) -> bool:
 
 
 @app.command()
+def tune(
+    config: Annotated[str, typer.Option("--config", help="Table 1 configuration to tune (A..E)")],
+    shards: Annotated[Path, typer.Option("--shards", help="output of `vgg ingest`")],
+    out: Annotated[Path, typer.Option("--out", help="best values as a params.yaml overlay to merge")] = Path("tune-best.yaml"),
+    scale: Annotated[str, typer.Option(help="which scales entry the S range tunes (low, high, jitter)")] = "jitter",
+    lr_min: Annotated[float, typer.Option(help="lower end of the log-uniform lr range")] = 1e-3,
+    lr_max: Annotated[float, typer.Option(help="upper end of the log-uniform lr range")] = 3e-2,
+    s_min: Annotated[str, typer.Option(help="Smin candidates, px: 40,48 or 40:56:8")] = "40,48",
+    s_max: Annotated[str, typer.Option(help="Smax candidates, px: 56,64,72 or 56:72:8")] = "56:72:8",
+    trials: Annotated[int, typer.Option(help="trials (each a Ray Train run)")] = 4,
+    max_epochs: Annotated[int, typer.Option(help="epochs per trial; ASHA stops the weak ones earlier")] = 4,
+    time_budget: Annotated[float, typer.Option(help="seconds for the whole search")] = 900.0,
+    storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE", help="Ray storage")] = Path("ray_results"),
+    track: Annotated[bool, typer.Option(help="parent + child runs in MLflow")] = True,
+    params: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Ray Tune search over lr (log-uniform) and the S range, early-stopped by ASHA; writes the best as params."""
+    from pipelines import ray_tune
+
+    resolved = _profile(params, profile, set_)
+    ray_tune.tune(
+        resolved, config=config, scale_key=scale, shards=shards, lr_range=(lr_min, lr_max),
+        s_min_range=ray_tune.parse_sizes(s_min, option="--s-min"),
+        s_max_range=ray_tune.parse_sizes(s_max, option="--s-max"),
+        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage, out=out, track=track,
+    )
+    typer.echo(f"best values written to {out}")
+
+
+@app.command()
 def demo(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
@@ -245,9 +277,9 @@ def demo(
         env = dict(os.environ)
         if not env.get("RAY_ADDRESS"):
             # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them.
-            from pipelines.cluster import local_cluster
+            from pipelines.cluster import AUTH_ENV, local_cluster
 
-            env["RAY_ADDRESS"] = stack.enter_context(local_cluster()).address
+            env.update(AUTH_ENV, RAY_ADDRESS=stack.enter_context(local_cluster()).address)
         if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], env=env).returncode != 0:
             raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
     report = Path("reports") / resolved.name / "report.md"

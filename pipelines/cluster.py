@@ -22,6 +22,7 @@ from pathlib import Path
 from vgg.errors import VGGError
 
 RAY = Path(sys.executable).with_name("ray")
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}  # what a client of these clusters needs in its environment
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ def free_port() -> int:
 def start(args: list[str], log: Path) -> int:
     """Run `ray start ARGS` in a new session; returns the process group its daemons live in."""
     # Jobs submitted to the cluster inherit this PATH (STACK.md): put this environment's `vgg` and `dvc` on it.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Token authentication, explicitly: Ray 2.60 turns it on for a head whenever ~/.ray/auth_token exists, and a
+    # joining node (or client) then needs RAY_AUTH_MODE=token too; clients use AUTH_ENV.
+    env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "w") as output:
         process = subprocess.Popen([str(RAY), "start", *args, "--disable-usage-stats"], stdout=output,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)

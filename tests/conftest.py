@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cluster import free_port
+from pipelines.cluster import AUTH_ENV, free_port
+
+# Ray 2.60 turns token authentication on for a cluster whenever ~/.ray/auth_token exists; a client must then have
+# RAY_AUTH_MODE=token in its environment before Ray is imported. Every Ray test and subprocess inherits this.
+os.environ.update(AUTH_ENV)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
