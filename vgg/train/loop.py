@@ -120,6 +120,8 @@ def fit(
     dtype = precision.resolve(config.precision, device)
     channels_last = precision.channels_last(config.channels_last, device=device, dtype=dtype)
     precision.place(core, config=config, device=device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed (crop × micro_batch): autotune once
     preprocess.to(device)
     optimizer = make_optimizer(core, config=config, lr=lr)
     schedule = PlateauSchedule.from_config(config, lr=lr)
