@@ -1,0 +1,443 @@
+"""`vgg tune`: a seeded random search over the initial lr (log-uniform) and the training scale range [Smin, Smax].
+
+Each trial is one Ray Train run of the protocol (`pipelines.ray_train`'s worker function, profile overridden with
+the trial's lr and S range) whose per-epoch `val/top1_err` reaches Tune through `TuneReportCallback`; ASHA stops
+trials that fall behind from epoch 1 on. The search space is checked before Ray starts; the trials are drawn from
+the profile's seed before anything runs (same command, same trials). MLflow gets one parent run (`tune-<config>`)
+and one child run per trial, all written by this driver process (a Tune callback), never by workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+import yaml
+import ray.tune
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pipelines.ray_train import (ClusterError, TrainJob, _job_from_dict, _job_to_dict, _train_worker, _user_error,
+                                 check_job, connect)
+from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
+from vgg.config import Profile, ScaleRange
+from vgg.errors import ConfigError
+
+METRIC = "val/top1_err"  # what ASHA and the best config minimise, % (the paper's Table 3 metric)
+EPOCH_METRICS = ("train/loss", "val/top1_err", "val/top5_err", "lr", "train/images_per_s")
+# On 2 cores (STACK.md): one trial at a time; the trial process only waits on its Train run, its workers share
+# the rest. Train V2's controller actor takes no CPU.
+TRIAL_RESOURCES = {"CPU": 0.5}
+CPU_WORKER_RESOURCES = {"CPU": 0.5}
+GPU_WORKER_RESOURCES = {"CPU": 1.0, "GPU": 1.0}
+TRIAL_MAX_FAILURES = 1  # worker-group restarts of one trial from its last epoch checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A checked search space: lr log-uniform on [lr_min, lr_max), (Smin, Smax) uniform over `scales`."""
+
+    lr_min: float
+    lr_max: float
+    scales: tuple[tuple[int, int], ...]  # every candidate pair with Smin <= Smax that gives a valid profile
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    """One row of the results table; errors are % at the epoch with the best val top-1 (NaN: no epoch ended)."""
+
+    trial: str
+    lr: float
+    s_min: int
+    s_max: int
+    epochs: int
+    top1_err: float
+    top5_err: float
+    best_epoch: int
+    outcome: str  # completed (fit ended: max_epochs or plateau) | stopped (ASHA or time budget) | failed
+
+
+def tune(
+    profile: Profile,
+    *,
+    config: str,
+    scale_key: str = "jitter",
+    shards: Path,
+    lr_range: tuple[float, float],
+    s_min_range: Sequence[int],
+    s_max_range: Sequence[int],
+    trials: int,
+    max_epochs: int,
+    time_budget_s: float,
+    storage: Path,
+    out: Path,
+    track: bool,
+) -> tuple[TrialResult, ...]:
+    """Search lr and the S range of `scales.<scale_key>` for `config`; print and return the results table (best
+    first); write the best values to `out` as a params.yaml overlay. `s_min_range`/`s_max_range` are the candidate
+    sizes in px (a `range` works); a pair with Smin > Smax, or one the profile rejects, is never drawn."""
+    space = check_space(profile, scale_key=scale_key, lr_range=lr_range, s_min_range=s_min_range,
+                        s_max_range=s_max_range, trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s)
+    # Absolute paths: Ray workers do not run in this directory.
+    base = TrainJob(profile=profile, config=config, scale=scale_key, init=None, shards=shards.absolute(),
+                    out=out.absolute(), storage=storage.absolute(), max_failures=TRIAL_MAX_FAILURES)
+    check_job(base)  # configuration name, shards, class count, writable out folder and storage: before Ray
+    plan = plan_trials(space, trials=trials, seed=profile.train.seed)
+    name = _experiment_name(base, space=space, trials=trials, max_epochs=max_epochs)
+    parent = _parent_run(base, space=space, trials=trials, max_epochs=max_epochs,
+                         time_budget_s=time_budget_s) if track else None
+    try:
+        connect()
+        _check_capacity(profile)
+        grid = _search(base, plan=plan, space=space, max_epochs=max_epochs, time_budget_s=time_budget_s,
+                       name=name, parent=parent)
+        rows = _table(grid)
+        print(format_table(rows))
+        if len(rows) < trials:
+            print(f"{trials - len(rows)} of {trials} planned trials did not start within the time budget "
+                  f"({time_budget_s:g} s)")
+        best = _best(rows, grid)
+        _write_overlay(out, profile=profile, config=config, scale_key=scale_key, best=best, rows=rows,
+                       trials=trials)
+        print(f"best: lr {best.lr:.4g}, S [{best.s_min}, {best.s_max}] -> {METRIC} {best.top1_err:.2f} %; wrote {out}")
+        if parent is not None:
+            parent.log_metrics({"best/val/top1_err": best.top1_err, "best/val/top5_err": best.top5_err}, step=0)
+            parent.client.set_tag(parent.run_id, "best_trial", best.trial)
+            parent.log_dict({"rows": [dataclasses.asdict(row) for row in rows]}, "tune_results.json")
+            parent.log_artifact(out)
+    except BaseException:
+        if parent is not None:
+            parent.finish("FAILED")
+        raise
+    if parent is not None:
+        parent.finish()
+    return rows
+
+
+def check_space(
+    profile: Profile,
+    *,
+    scale_key: str,
+    lr_range: tuple[float, float],
+    s_min_range: Sequence[int],
+    s_max_range: Sequence[int],
+    trials: int,
+    max_epochs: int,
+    time_budget_s: float,
+) -> SearchSpace:
+    """The search space, or one `ConfigError` line saying what is empty or invalid and how to fix it."""
+    profile.scale(scale_key)  # unknown key: its own one line
+    if trials < 1:
+        raise ConfigError(f"--trials: must be >= 1, got {trials}")
+    if max_epochs < 1:
+        raise ConfigError(f"--max-epochs: must be >= 1, got {max_epochs}")
+    if not time_budget_s > 0:
+        raise ConfigError(f"--time-budget: must be > 0 s, got {time_budget_s:g}")
+    lr_min, lr_max = lr_range
+    if not (lr_min > 0 and lr_max > 0):
+        raise ConfigError(f"--lr-range: learning rates must be > 0 (log-uniform), got {lr_min:g} {lr_max:g}; "
+                          "e.g. --lr-range 1e-3 1e-1")
+    if lr_min >= lr_max:
+        raise ConfigError(f"--lr-range: the low end {lr_min:g} must be below the high end {lr_max:g}; "
+                          "e.g. --lr-range 1e-3 1e-1")
+    crop, max_side = profile.model.crop, profile.data.max_side
+    for option, sizes in (("--s-min", s_min_range), ("--s-max", s_max_range)):
+        if len(sizes) == 0:
+            raise ConfigError(f"{option}: no sizes given; list candidate S values in px, e.g. {option} {crop}:{max_side}:8")
+        for size in sizes:
+            if size < crop or size > max_side:
+                raise ConfigError(
+                    f"{option}: S={size} px is outside [{crop}, {max_side}] (model.crop .. data.max_side of profile "
+                    f"{profile.name}: the crop must fit and ingest keeps no larger images); pick sizes in that range"
+                )
+    pairs = sorted({(low, high) for low in s_min_range for high in s_max_range if low <= high})
+    if not pairs:
+        raise ConfigError(
+            f"--s-min/--s-max: every Smin ({min(s_min_range)}..{max(s_min_range)}) is above every Smax "
+            f"({min(s_max_range)}..{max(s_max_range)}); give Smin values <= some Smax value"
+        )
+    valid, reasons = [], []
+    for low, high in pairs:
+        try:
+            trial_profile(profile, scale_key=scale_key, lr=lr_min, s_min=low, s_max=high, max_epochs=max_epochs)
+        except ConfigError as error:
+            reasons.append(f"[{low}, {high}]: {error}")
+            continue
+        valid.append((low, high))
+    if not valid:
+        raise ConfigError(f"--s-min/--s-max: no candidate S range gives a valid profile (e.g. {reasons[0]}); "
+                          "widen the ranges or use a jittered Smin < Smax")
+    return SearchSpace(lr_min=float(lr_min), lr_max=float(lr_max), scales=tuple(valid))
+
+
+def trial_profile(profile: Profile, *, scale_key: str, lr: float, s_min: int, s_max: int, max_epochs: int) -> Profile:
+    """The profile one trial trains with (validated again by the dataclasses). Trials checkpoint at epoch ends
+    only: every report then carries the epoch's `val/top1_err`, which ASHA needs."""
+    return dataclasses.replace(
+        profile,
+        train=dataclasses.replace(profile.train, lr=lr, max_epochs=max_epochs, checkpoint_every=0),
+        scales=dataclasses.replace(profile.scales, **{scale_key: ScaleRange(s_min=s_min, s_max=s_max)}),
+    )
+
+
+def plan_trials(space: SearchSpace, *, trials: int, seed: int) -> list[dict[str, Any]]:
+    """The trials' configurations, drawn before anything runs so the same seed gives the same search."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    for _ in range(trials):
+        lr = float(math.exp(rng.uniform(math.log(space.lr_min), math.log(space.lr_max))))
+        s_min, s_max = space.scales[int(rng.integers(len(space.scales)))]
+        plan.append({"lr": lr, "s_min": s_min, "s_max": s_max})
+    return plan
+
+
+def parse_sizes(text: str, *, option: str) -> tuple[int, ...]:
+    """CLI size lists in px: `40,48,56`, an inclusive range `40:72`, or a stepped one `40:72:8` (mixable)."""
+    sizes: list[int] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            bounds = [int(value) for value in item.split(":")]
+        except ValueError:
+            bounds = []
+        if len(bounds) == 1:
+            sizes.append(bounds[0])
+        elif len(bounds) in (2, 3) and bounds[0] <= bounds[1] and (len(bounds) == 2 or bounds[2] > 0):
+            sizes.extend(range(bounds[0], bounds[1] + 1, bounds[2] if len(bounds) == 3 else 1))
+        else:
+            raise ConfigError(f"{option}: cannot read {item!r}; give px sizes like 40,48 or a range 40:72 or 40:72:8")
+    return tuple(sorted(set(sizes)))
+
+
+def format_table(rows: Sequence[TrialResult]) -> str:
+    lines = [f"{'trial':<16} {'lr':>10} {'Smin':>5} {'Smax':>5} {'epochs':>6} {'top-1 err %':>11} "
+             f"{'top-5 err %':>11}  outcome"]
+    for row in rows:
+        lines.append(f"{row.trial:<16} {row.lr:>10.4g} {row.s_min:>5} {row.s_max:>5} {row.epochs:>6} "
+                     f"{row.top1_err:>11.2f} {row.top5_err:>11.2f}  {row.outcome}")
+    return "\n".join(lines)
+
+
+def _search(
+    base: TrainJob,
+    *,
+    plan: list[dict[str, Any]],
+    space: SearchSpace,
+    max_epochs: int,
+    time_budget_s: float,
+    name: str,
+    parent: TrackedRun | None,
+) -> ray.tune.ResultGrid:
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_trial, base=_job_to_dict(base), max_epochs=max_epochs), TRIAL_RESOURCES
+    )
+    callbacks = [TrialRuns(parent=parent, base=base)] if parent is not None else []
+    tuner = ray.tune.Tuner(
+        trainable,
+        # The planned points are what runs (they are all the samples); the distributions record the space in Tune's
+        # state: lr and the candidate Smin and Smax values (only pairs from `space.scales` are planned).
+        param_space={"lr": ray.tune.loguniform(space.lr_min, space.lr_max),
+                     "s_min": ray.tune.choice(sorted({low for low, _ in space.scales})),
+                     "s_max": ray.tune.choice(sorted({high for _, high in space.scales}))},
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC,
+            mode="min",
+            scheduler=ASHAScheduler(time_attr="epoch", grace_period=1, max_t=max_epochs),
+            search_alg=BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=1,
+                                             random_state=base.profile.train.seed),
+            num_samples=len(plan),
+            time_budget_s=time_budget_s,
+            trial_dirname_creator=lambda trial: trial.trial_id,  # the table reads the id back from the path
+        ),
+        run_config=ray.tune.RunConfig(name=name, storage_path=str(base.storage), callbacks=callbacks,
+                                  failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
+    )
+    return tuner.fit()
+
+
+def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: int) -> None:
+    """One Tune trial: one Ray Train run of the protocol with this trial's lr and S range."""
+    job = _job_from_dict(base)
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"train-{trial_id}"  # stable per trial: a restarted trial resumes its own Train run
+    job = dataclasses.replace(
+        job,
+        profile=trial_profile(job.profile, scale_key=job.scale, lr=trial_config["lr"], s_min=trial_config["s_min"],
+                              s_max=trial_config["s_max"], max_epochs=max_epochs),
+        out=job.storage / run_name / "model.pt",  # not written: a trial's model stays in its Ray checkpoints
+    )
+    train = job.profile.train
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": _job_to_dict(job), "progress": False},
+        scaling_config=ScalingConfig(
+            num_workers=train.workers, use_gpu=train.use_gpu,
+            resources_per_worker=GPU_WORKER_RESOURCES if train.use_gpu else CPU_WORKER_RESOURCES,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(job.storage),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],  # rank 0's per-epoch metrics become this trial's Tune results
+            logging_config=LoggingConfig(log_level="WARNING"),  # as `run`: no per-report INFO lines
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as error:  # a worker's user error becomes the trial's error, as one line
+        raise _user_error(error) or error
+
+
+def _check_capacity(profile: Profile) -> None:
+    """One clear line instead of trials that wait forever for resources the cluster does not have."""
+    train = profile.train
+    worker = GPU_WORKER_RESOURCES if train.use_gpu else CPU_WORKER_RESOURCES
+    available = ray.cluster_resources()
+    for resource in ("CPU", "GPU"):
+        need = TRIAL_RESOURCES.get(resource, 0.0) + train.workers * worker.get(resource, 0.0)
+        if available.get(resource, 0.0) < need:
+            raise ClusterError(
+                f"one trial with train.workers={train.workers} needs {need:g} {resource} but the Ray cluster has "
+                f"{available.get(resource, 0.0):g}; lower train.workers or add nodes"
+            )
+
+
+class TrialRuns(ray.tune.Callback):
+    """Runs in the Tune driver: one MLflow child run per trial under the tune run, with its per-epoch metrics."""
+
+    def __init__(self, *, parent: TrackedRun, base: TrainJob) -> None:
+        self.parent, self.base = parent, base
+        self.runs: dict[str, TrackedRun] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.runs:  # a restarted trial keeps its run
+            return
+        lr, s_min, s_max = trial.config["lr"], trial.config["s_min"], trial.config["s_max"]
+        profile, key = self.base.profile, self.base.scale
+        tags = {"stage": "tune-trial", "config": self.base.config, "profile": profile.name, "trial_id": trial.trial_id,
+                "lr": f"{lr:.6g}", "s_min": str(s_min), "s_max": str(s_max)}
+        params = {"train.lr": repr(lr), f"scales.{key}.s_min": str(s_min), f"scales.{key}.s_max": str(s_max)}
+        self.runs[trial.trial_id] = TrackedRun(
+            uri=self.parent.uri, experiment=f"vgg-{profile.name}", run_name=f"trial-{trial.trial_id}", tags=tags,
+            params=params, parent_run_id=self.parent.run_id,
+        )
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id in self.runs and "epoch" in result:
+            metrics = {key: result[key] for key in EPOCH_METRICS if key in result}
+            self.runs[trial.trial_id].log_metrics(metrics, step=int(result["epoch"]))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "completed" if (trial.last_result or {}).get("done") else "stopped")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "failed")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials:  # still running when the time budget ran out
+            self._finish(trial, "stopped")
+
+    def _finish(self, trial: Any, outcome: str) -> None:
+        run = self.runs.pop(trial.trial_id, None)
+        if run is None:
+            return
+        run.client.set_tag(run.run_id, "outcome", outcome)
+        run.finish("FAILED" if outcome == "failed" else "FINISHED")
+
+
+def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int,
+                time_budget_s: float) -> TrackedRun:
+    profile = base.profile
+    root = Path.cwd()
+    tags = {"stage": "tune", "config": base.config, "profile": profile.name, "scale_kind": base.scale,
+            "git_commit": git_commit(root)}
+    params = {**flatten(profile.to_dict()), "tune.lr_min": repr(space.lr_min), "tune.lr_max": repr(space.lr_max),
+              "tune.scales": json.dumps(space.scales), "tune.trials": str(trials), "tune.max_epochs": str(max_epochs),
+              "tune.time_budget_s": f"{time_budget_s:g}", "tune.metric": METRIC}
+    return TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{profile.name}", run_name=f"tune-{base.config}",
+                      tags=tags, params=params)
+
+
+def _table(grid: ray.tune.ResultGrid) -> tuple[TrialResult, ...]:
+    """The trials Tune ran, best first (lowest top-1, then top-5 error; trials without an epoch last)."""
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        epochs = frame.dropna(subset=[METRIC]) if frame is not None and METRIC in frame else None
+        if epochs is not None and len(epochs):
+            best = epochs.loc[epochs[METRIC].idxmin()]
+            top1, top5, best_epoch = float(best[METRIC]), float(best["val/top5_err"]), int(best["epoch"])
+        else:
+            top1 = top5 = math.nan
+            best_epoch = 0
+        if result.error is not None:
+            outcome = "failed"
+        else:
+            outcome = "completed" if result.metrics.get("done") else "stopped"
+        rows.append(TrialResult(trial=Path(result.path).name, lr=float(result.config["lr"]),
+                                s_min=int(result.config["s_min"]), s_max=int(result.config["s_max"]), epochs=0 if epochs is None else len(epochs), top1_err=top1,
+                                top5_err=top5, best_epoch=best_epoch, outcome=outcome))
+    return tuple(sorted(rows, key=lambda row: (math.isnan(row.top1_err), row.top1_err, row.top5_err)))
+
+
+def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResult:
+    """The best trial with at least one validated epoch; otherwise the reason none has one, as one line."""
+    if rows and not math.isnan(rows[0].top1_err):
+        return rows[0]
+    errors = [result.error for result in grid if result.error is not None]
+    for error in errors:
+        user_error = _user_error(error)
+        if user_error is not None:
+            raise user_error
+    if errors:
+        first = str(errors[0]).strip().splitlines()
+        raise ClusterError(f"all {len(rows)} trials failed (first: {first[-1][:300] if first else type(errors[0]).__name__}); "
+                           "see the Ray logs above")
+    raise ConfigError(f"--time-budget: no trial finished an epoch in time ({len(rows)} started); raise it")
+
+
+def _write_overlay(out: Path, *, profile: Profile, config: str, scale_key: str, best: TrialResult,
+                   rows: tuple[TrialResult, ...], trials: int) -> None:
+    """The best values as a params.yaml overlay (same nesting), written atomically, with how it was found."""
+    overlay = {"profiles": {profile.name: {"train": {"lr": best.lr},
+                                            "scales": {scale_key: {"s_min": best.s_min, "s_max": best.s_max}}}}}
+    header = (
+        f"# vgg tune: best of {len(rows)} trials ({trials} planned) for configuration {config}, profile "
+        f"{profile.name}, scales.{scale_key}\n"
+        f"# {METRIC} {best.top1_err:.2f} % (val/top5_err {best.top5_err:.2f} %) at epoch {best.best_epoch} of "
+        f"{best.epochs}, trial {best.trial}, outcome {best.outcome}\n"
+        f"# Merge into params.yaml, or pass as --set train.lr={best.lr!r} "
+        f"--set 'scales.{scale_key}={{s_min: {best.s_min}, s_max: {best.s_max}}}'\n"
+    )
+    text = header + yaml.safe_dump(overlay, sort_keys=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _experiment_name(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int) -> str:
+    """Deterministic (no timestamps): the same search over the same data and profile gets the same name."""
+    digest = hashlib.sha256()
+    digest.update(base.fingerprint().encode())
+    digest.update(json.dumps([dataclasses.asdict(space), trials, max_epochs]).encode())
+    return f"tune-{base.profile.name}-{base.config}-{base.scale}-{digest.hexdigest()[:12]}"

@@ -1,0 +1,163 @@
+"""`vgg tune` against a real two-node local Ray cluster and a real MLflow server (conftest), on the tiny profile."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.params import load_profile
+from pipelines.ray_tune import TrialResult, check_space, format_table, parse_sizes, plan_trials, tune
+from vgg.config import Profile, from_mapping
+from vgg.errors import ConfigError
+
+# The tiny profile: crop 32, data.max_side 72, scales.jitter [40, 72], q_offset 8.
+SPACE = {"lr_range": (1e-3, 1e-1), "s_min_range": (40, 48), "s_max_range": (56, 64), "trials": 2}
+TUNE_TIMEOUT_S = 600  # two tiny trials take ~1-2 min; generous: the 2 cores are shared
+# `vgg tune` as the command line runs it: a fresh process whose environment names the cluster and the MLflow server.
+DRIVER = """
+import dataclasses, json, sys
+from pathlib import Path
+from pipelines.params import load_profile
+from pipelines.ray_tune import tune
+a = json.loads(sys.argv[1])
+rows = tune(load_profile(Path(a["params"])), config="A", scale_key="jitter", shards=Path(a["shards"]),
+            lr_range=tuple(a["lr_range"]), s_min_range=a["s_min_range"], s_max_range=a["s_max_range"],
+            trials=a["trials"], max_epochs=2, time_budget_s=900, storage=Path("ray"), out=Path(a["out"]), track=True)
+Path("rows.json").write_text(json.dumps([dataclasses.asdict(row) for row in rows]))
+"""
+
+
+@pytest.fixture(scope="session")
+def ray_token_auth():
+    """Ray 2.60 clients (a joining `ray start`, `ray.init(address=...)`) send ~/.ray/auth_token only with
+    RAY_AUTH_MODE=token, and conftest's `ray_cluster` does not set it: requested before that fixture, this lets its
+    second node join. A driver reads the mode when `ray` is imported, so tune runs in a process started with it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_AUTH_MODE", "token")
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_params) -> Profile:
+    return load_profile(tiny_params)
+
+
+def _tune(profile: Profile, shards: Path, tmp_path: Path, **changes) -> tuple:
+    space = {**SPACE, **changes}
+    return tune(profile, config="A", scale_key="jitter", shards=shards, max_epochs=2, time_budget_s=600,
+                storage=tmp_path / "ray", out=tmp_path / "best.yaml", track=False, **space)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"lr_range": (1e-1, 1e-3)}, r"^--lr-range: the low end 0\.1 must be below the high end 0\.001;"),
+        ({"lr_range": (1e-2, 1e-2)}, r"^--lr-range: the low end 0\.01 must be below"),
+        ({"lr_range": (0.0, 1e-1)}, r"^--lr-range: learning rates must be > 0"),
+        ({"lr_range": (-1e-2, 1e-1)}, r"^--lr-range: learning rates must be > 0"),
+        ({"s_min_range": (64, 72), "s_max_range": (48, 56)},
+         r"^--s-min/--s-max: every Smin \(64\.\.72\) is above every Smax \(48\.\.56\)"),
+        ({"s_min_range": (24, 40)}, r"^--s-min: S=24 px is outside \[32, 72\]"),
+        ({"s_max_range": (64, 80)}, r"^--s-max: S=80 px is outside \[32, 72\]"),
+        ({"s_min_range": ()}, r"^--s-min: no sizes given"),
+        # Fixed S=72 needs Q up to 72+8 px > data.max_side: the only candidate is rejected by the profile itself
+        ({"s_min_range": (72,), "s_max_range": (72,)}, r"^--s-min/--s-max: no candidate S range gives a valid"),
+        ({"trials": 0}, r"^--trials: must be >= 1, got 0"),
+    ],
+)
+def test_an_invalid_search_space_is_one_line_before_ray_starts(profile, tiny_shards, tmp_path, changes, message):
+    ray.shutdown()  # so the check below sees this call alone
+    with pytest.raises(ConfigError, match=message) as error:
+        _tune(profile, tiny_shards, tmp_path, **changes)
+    assert "\n" not in str(error.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "best.yaml").exists()
+
+
+def test_the_plan_is_seeded_and_inside_the_space(profile):
+    space = check_space(profile, scale_key="jitter", lr_range=(1e-4, 1e-1), s_min_range=range(32, 73, 8),
+                        s_max_range=range(32, 73, 8), trials=20, max_epochs=2, time_budget_s=60)
+    # Fixed S needs S-8 >= 32 and S+8 <= 72 (multi-scale Q, §3.2); a jittered pair needs only 32 <= Smin < Smax <= 72
+    assert (32, 32) not in space.scales and (72, 72) not in space.scales and (40, 40) in space.scales
+    assert all(low <= high for low, high in space.scales)
+    plan = plan_trials(space, trials=20, seed=0)
+    assert plan == plan_trials(space, trials=20, seed=0)
+    assert plan != plan_trials(space, trials=20, seed=1)
+    assert all(1e-4 <= trial["lr"] < 1e-1 and (trial["s_min"], trial["s_max"]) in space.scales for trial in plan)
+    assert min(t["lr"] for t in plan) < 1e-3 and max(t["lr"] for t in plan) > 1e-2  # log-uniform: every decade
+
+
+def test_size_lists_read_from_the_command_line():
+    assert parse_sizes("40,48", option="--s-min") == (40, 48)
+    assert parse_sizes("40:72:16, 44", option="--s-min") == (40, 44, 56, 72)
+    assert parse_sizes("40:42", option="--s-min") == (40, 41, 42)
+    for bad in ("40-72", "72:40", "40:72:0", "x"):
+        with pytest.raises(ConfigError, match=rf"^--s-max: cannot read {bad!r}"):
+            parse_sizes(bad, option="--s-max")
+
+
+def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
+    profile, tiny_params, tiny_shards, ray_token_auth, ray_cluster, mlflow_server, tmp_path
+):
+    out = tmp_path / "best.yaml"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token",
+           "MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}
+    arguments = {"params": str(tiny_params), "shards": str(tiny_shards), "out": str(out), **SPACE}
+    driver = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(arguments)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=TUNE_TIMEOUT_S)
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+    rows = [TrialResult(**row) for row in json.loads((tmp_path / "rows.json").read_text())]
+    assert format_table(rows) in driver.stdout  # the table is printed, best first
+
+    space = check_space(profile, scale_key="jitter", max_epochs=2, time_budget_s=900, **SPACE)
+    plan = plan_trials(space, trials=2, seed=profile.train.seed)
+    assert sorted((row.lr, row.s_min, row.s_max) for row in rows) == sorted((t["lr"], t["s_min"], t["s_max"]) for t in plan)
+    assert [row.top1_err for row in rows] == sorted(row.top1_err for row in rows)
+    assert all(1 <= row.epochs <= 2 and row.outcome in ("completed", "stopped") for row in rows)
+    assert all(0.0 <= row.top5_err <= row.top1_err <= 100.0 for row in rows)
+    best = rows[0]
+
+    # The overlay: a comment header with the metric, then the profile's keys; merged, it validates.
+    text = out.read_text()
+    assert text.startswith("# vgg tune: best of 2 trials") and f"val/top1_err {best.top1_err:.2f} %" in text
+    overlay = yaml.safe_load(text)
+    tuned = overlay["profiles"]["tiny"]
+    assert tuned == {"train": {"lr": best.lr}, "scales": {"jitter": {"s_min": best.s_min, "s_max": best.s_max}}}
+    merged = load_profile(tiny_params, overrides=[f"train.lr={tuned['train']['lr']!r}",
+                                                  f"scales.jitter={tuned['scales']['jitter']}"])
+    assert (merged.train.lr, merged.scales.jitter.s_min, merged.scales.jitter.s_max) == (best.lr, best.s_min, best.s_max)
+    deep = profile.to_dict()
+    deep["train"].update(tuned["train"])
+    deep["scales"]["jitter"].update(tuned["scales"]["jitter"])
+    assert from_mapping(Profile, deep) == merged
+
+    # MLflow: the parent run and one child per trial, with the trial's values, per-epoch metrics and status.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("vgg-tiny")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune'")
+    assert parent.info.run_name == "tune-A" and parent.info.status == "FINISHED"
+    assert parent.data.tags["best_trial"] == best.trial
+    assert math.isclose(parent.data.metrics["best/val/top1_err"], best.top1_err)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best.yaml", "tune_results.json"}
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {child.data.tags["trial_id"]: child for child in children}
+    assert set(by_trial) == {row.trial for row in rows}
+    for row in rows:
+        child = by_trial[row.trial]
+        assert child.info.status == "FINISHED" and child.data.tags["outcome"] == row.outcome
+        assert (float(child.data.tags["lr"]), int(child.data.tags["s_min"]), int(child.data.tags["s_max"])) == (
+            pytest.approx(row.lr, rel=1e-5), row.s_min, row.s_max)
+        history = client.get_metric_history(child.info.run_id, "val/top1_err")
+        assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
+        assert min(m.value for m in history) == pytest.approx(row.top1_err)
