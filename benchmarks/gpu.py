@@ -41,7 +41,6 @@ import os
 import platform
 import queue
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -65,6 +64,7 @@ from vgg.data.shards import ingest
 from vgg.data.synthetic import synthesize
 from vgg.data.transforms import TrainCrop, jpeg_size
 from vgg.evaluate import score_samples
+from vgg.files import write_atomic
 from vgg.models import build
 from vgg.train import checkpoint, precision
 from vgg.train.loop import Hooks, fit
@@ -393,17 +393,7 @@ def evaluation(model: nn.Module, samples: list, setup: Setup, preprocess: nn.Mod
 
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(value, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def main() -> int:

@@ -46,14 +46,16 @@ def start(args: list[str], log: Path) -> int:
     # joining node (or client) then needs RAY_AUTH_MODE=token too; clients use AUTH_ENV.
     env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "w") as output:
-        process = subprocess.Popen([str(RAY), "start", *args, "--disable-usage-stats"], stdout=output,
-                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        code = process.wait(timeout=180)
-    if code != 0:
+    for attempt in (1, 2):  # on a loaded machine a daemon can miss one of Ray's start-up deadlines: retry once
+        with open(log, "w") as output:
+            process = subprocess.Popen([str(RAY), "start", *args, "--disable-usage-stats"], stdout=output,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            code = process.wait(timeout=180)
+        if code == 0:
+            return process.pid
         stop(process.pid)
-        raise VGGError(f"`ray start` failed (exit {code}); see {log}")
-    return process.pid
+    reason = next((line for line in reversed(log.read_text().splitlines()) if "Error" in line), f"exit {code}")
+    raise VGGError(f"`ray start` failed twice: {reason.strip()[:300]}")
 
 
 def stop(group: int) -> None:

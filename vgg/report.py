@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from vgg.files import write_atomic
 from vgg.errors import DataError
 from vgg.evaluate.metrics import errors
 from vgg.evaluate.posteriors import Posteriors
@@ -145,12 +145,12 @@ def write_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = (
-        _write_atomic(out / "errors_by_config.png", _plot_configs(cells)),
-        _write_atomic(out / "evaluation_modes.png", _plot_rows(cells, TABLE5, "Table 5: evaluation modes (D, E)")),
-        _write_atomic(out / "fusion.png", _plot_fusion(cells)),
+        write_atomic(out / "errors_by_config.png", _plot_configs(cells)),
+        write_atomic(out / "evaluation_modes.png", _plot_rows(cells, TABLE5, "Table 5: evaluation modes (D, E)")),
+        write_atomic(out / "fusion.png", _plot_fusion(cells)),
     )
-    metrics = _write_atomic(out / "metrics.json", (json.dumps(_metrics(cells, found), indent=2) + "\n").encode())
-    markdown = _write_atomic(out / "report.md", _markdown(results, cells, found, notes, plots).encode())
+    metrics = write_atomic(out / "metrics.json", (json.dumps(_metrics(cells, found), indent=2) + "\n").encode())
+    markdown = write_atomic(out / "report.md", _markdown(results, cells, found, notes, plots).encode())
     return ReportPaths(markdown=markdown, metrics=metrics, plots=plots)
 
 
@@ -426,17 +426,3 @@ def _plot_rows(cells: Mapping[tuple, Result], rows: Sequence[Row], title: str) -
 def _plot_fusion(cells: Mapping[tuple, Result]) -> bytes:
     """Fusion D+E vs the single models, per evaluation mode (Tables 5, 6)."""
     return _plot_rows(cells, [*TABLE5, *TABLE6], "Table 6: D+E fusion vs single models")
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

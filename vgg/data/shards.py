@@ -54,6 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vgg.data.imagenet import SPLITS, RawImageNet, RawRef, open_raw, read_range
+from vgg.files import write_atomic
 from vgg.errors import ConfigError, DataError
 
 FORMAT = 1  # index.json "format"
@@ -196,7 +197,7 @@ def ingest(
             "converted": [{"name": n, "reason": why} for n, why in sorted(c for r in results for c in r.converted)],
             "skipped": [{"name": n, "reason": why} for n, why in sorted(s for r in results for s in r.skipped)],
         }
-        _write_file(staging / "stats.json", _json_bytes(stats.to_json()))
+        write_atomic(staging / "stats.json", _json_bytes(stats.to_json()))
         _publish(out, staging, [r.file for split in SPLITS for r in by_split[split]], index)
     except BrokenProcessPool:
         raise DataError(f"an ingest worker process died (out of memory?) while writing {out}; retry with fewer workers") from None
@@ -401,7 +402,7 @@ def _write_shard(task: _Task) -> _Result:
     result.sha256 = hashlib.sha256(data).hexdigest()
     result.bytes_written = len(data)
     if result.count:
-        _write_file(Path(task.staging) / task.file, data)
+        write_atomic(Path(task.staging) / task.file, data)
     return result
 
 
@@ -471,22 +472,6 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, fsync'd, then renamed."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def _publish(out: Path, staging: Path, files: list[str], index: dict[str, Any]) -> None:
     """Move a finished output into OUT: invalidate the old index, rename shards and stats.json into place, drop
     shards of the old output that the new one lacks, and write index.json last (its presence = complete)."""
@@ -497,7 +482,7 @@ def _publish(out: Path, staging: Path, files: list[str], index: dict[str, Any]) 
     for entry in out.iterdir():
         if re.fullmatch(r"(train|val)-\d{6}\.tar", entry.name) and entry.name not in keep:
             entry.unlink()
-    _write_file(out / "index.json", json.dumps(index, indent=1).encode() + b"\n")
+    write_atomic(out / "index.json", json.dumps(index, indent=1).encode() + b"\n")
     directory = os.open(out, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from vgg.config import ModelConfig, ScaleRange, from_mapping
 from vgg.data.loader import Preprocess, iter_samples, read_index, read_stats
 from vgg.data.transforms import decode_rgb
+from vgg.files import write_atomic
 from vgg.errors import CheckpointError, ConfigError, DataError
 from vgg.evaluate.views import at_scale, dense_views, multicrop_views
 from vgg.models import VGG, from_torchvision
@@ -73,23 +73,9 @@ class Posteriors:
         """Write the `.npz` atomically (temporary file in the same directory, fsync, rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(
-                    file,
-                    keys=np.asarray(self.keys, dtype=str),
-                    labels=self.labels,
-                    probs=self.probs,
-                    meta=np.asarray(json.dumps(self.meta, sort_keys=True)),
-                )
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        arrays = {"keys": np.asarray(self.keys, dtype=str), "labels": self.labels, "probs": self.probs,
+                  "meta": np.asarray(json.dumps(self.meta, sort_keys=True))}
+        return write_atomic(path, lambda file: np.savez(file, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Posteriors:
