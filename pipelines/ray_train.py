@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+                       UserCallback)
 from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,6 +39,9 @@ from vgg.train.loop import Hooks, evaluate_errors, fit
 CHECKPOINT_FILE = "checkpoint.pt"
 # glibc malloc tuning for CPU training processes (STACK.md: the step is ~1.2-1.5x faster on this machine kind).
 WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+GCS_PROBE_TIMEOUT_S = 5.0  # a closed or filtered GCS port fails here, not after ray.init's ~20 s of retries
+
+logger = logging.getLogger(__name__)
 
 
 class ClusterError(VGGError):
@@ -118,6 +124,8 @@ def run(job: TrainJob, *, tracking: TrackedRun | None = None, progress: bool = T
             failure_config=FailureConfig(max_failures=job.max_failures),  # restart from the last checkpoint
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train's per-report INFO lines drown the progress bars; its log files under the session keep them.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
@@ -177,40 +185,70 @@ def train(
 
 def connect() -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray; one clear line when the address is unreachable."""
-    address = os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    where = f"RAY_ADDRESS={address}" if address else "a local Ray instance"
+    hint = ("start the cluster (`ray start --head`), fix the address (and set RAY_AUTH_MODE=token if the cluster uses "
+            "token authentication), or unset RAY_ADDRESS to run locally")
+    env = dict(WORKER_ENV)
+    if address:
+        _probe_gcs(address, where=where, hint=hint)
+        # Ray Train's placement-group cleaner asks the state API for "the" cluster; with several Ray instances on one
+        # machine it finds them all and dies unless RAY_ADDRESS names this one in the actors' environment too.
+        env["RAY_ADDRESS"] = address
     try:
-        if not ray.is_initialized():
-            ray.init(address=address or None, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True,
-                     configure_logging=True, logging_level="WARNING", include_dashboard=False if not address else None)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"RAY_ADDRESS={address}" if address else "a local Ray instance"
-        raise ClusterError(
-            f"cannot connect to {where} ({str(error).splitlines()[0][:200]}); start the cluster "
-            "(`ray start --head`) or unset RAY_ADDRESS to run locally"
-        ) from None
+        raise ClusterError(f"cannot connect to {where} ({str(error).splitlines()[0][:200]}); {hint}") from None
+
+
+def _probe_gcs(address: str, *, where: str, hint: str) -> None:
+    """Fail fast on a GCS address nobody listens on (`host:port`, or `ray://host:port` for Ray Client)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: ray.init resolves them
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ClusterError(f"cannot connect to {where} (nothing answers at {host}:{port}: {reason}); {hint}") from None
 
 
 def _worker_resources(*, workers: int, use_gpu: bool) -> dict[str, float]:
-    """Per-worker resources, after checking the cluster has them (otherwise Ray would wait forever)."""
-    available = ray.cluster_resources()
-    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    if use_gpu and gpus < workers:
-        raise ClusterError(
-            f"train.workers={workers} with use_gpu needs {workers} GPUs but the Ray cluster has {gpus:g}; "
-            "lower --workers or add GPU nodes"
-        )
-    if not use_gpu and cpus < workers:
-        raise ClusterError(
-            f"train.workers={workers} needs {workers} CPUs but the Ray cluster has {cpus:g}; lower --workers"
-        )
+    """Per-worker resources, after checking the cluster can place them (otherwise Ray would wait forever).
+
+    On CPUs each worker gets the most whole CPUs that still lets every worker fit on some node (torch runs as many
+    threads as its worker has CPUs): 2 workers on one 2-core machine get 1 each; on two 2-CPU nodes, 2 each, one
+    worker per node.
+    """
     if use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if gpus < workers:
+            raise ClusterError(
+                f"train.workers={workers} with use_gpu needs {workers} GPUs but the Ray cluster has {gpus:g}; "
+                "lower --workers or add GPU nodes"
+            )
         return {"CPU": 1.0, "GPU": 1.0}
-    # Locally, share the machine's cores among the workers (torch uses as many threads as the worker has CPUs).
-    return {"CPU": max(1.0, float(int(cpus // workers))) if not os.environ.get("RAY_ADDRESS") else 1.0}
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+    if sum(node_cpus) < workers:
+        raise ClusterError(
+            f"train.workers={workers} needs {workers} CPUs but the Ray cluster has {sum(node_cpus)}; lower --workers "
+            "or add nodes"
+        )
+    per_worker = max(c for c in range(1, max(node_cpus) + 1) if sum(n // c for n in node_cpus) >= workers)
+    return {"CPU": float(per_worker)}
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build loaders for this rank, the model, its initialisation; call `fit`."""
+    # Ray Train logs every report (metrics, checkpoint path) at INFO once per rank, through `ray.train` and through
+    # the root logger (a logger named by its file path), which LoggingConfig does not reach: workers say only what
+    # needs attention.
+    for name in ("", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     job = _job_from_dict(loop_config["job"])
     profile, train = job.profile, job.profile.train
     context = ray.train.get_context()
@@ -225,6 +263,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             resume = checkpoint.load(Path(directory) / CHECKPOINT_FILE, expect_config=job.config)
+        if rank == 0:  # after a worker or driver crash: say where the run picks up
+            state = resume["train"]
+            logger.warning(f"{job.run_name}: resuming from its checkpoint after optimizer step {state['global_step']} "
+                           f"(epoch {state['epoch'] + 1}, {state['step_in_epoch']} steps into it)")
     elif job.init is not None:
         _initialise_from(model, job)
     precision.place(model, config=train, device=device)
