@@ -1,0 +1,147 @@
+"""The protocol as a pipeline, with the real tools: `dvc repro` of dvc.yaml in a temporary git repository on the tiny
+profile (every stage, through Ray Train on the shared local cluster, tracked to a local MLflow store), its
+incremental behaviour, and `ray job submit` of `vgg train` to the cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, ROOT
+
+# Opt-in (`make test PYTEST_ARGS="-m protocol"`): ~10 minutes of Ray Train runs on 2 cores; see the README.
+pytestmark = pytest.mark.protocol
+
+STAGES_UPSTREAM_OF_TRAINING = {"synth", "ingest"}
+
+
+def _env(ray_cluster: dict, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_ADDRESS=ray_cluster["address"], RAY_AUTH_MODE="token",
+        RAY_USAGE_STATS_ENABLED="0", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="68719476736",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid", **extra,
+    )
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 2400) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_params, ray_cluster) -> Path:
+    """A fresh git repository holding this project's tracked files, with the tiny profile active, after one
+    complete `dvc repro`."""
+    root = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    params = yaml.safe_load(tiny_params.read_text())
+    params["profiles"]["tiny"]["train"]["max_epochs"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(ray_cluster)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    result = _run([str(BIN / "dvc"), "repro"], root, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root
+
+
+def test_every_stage_runs_and_writes_its_outputs(project):
+    models = ["A-low", "A-LRN-low", "B-low", "C-low", "C-high", "C-jitter", "D-low", "D-high", "D-jitter",
+              "E-low", "E-high", "E-jitter"]
+    assert sorted(p.stem for p in (project / "runs/tiny").glob("*.pt")) == sorted(models)
+    results = {p.name for p in (project / "results/tiny").glob("*.npz")}
+    assert {f"{m}-dense-single.npz" for m in models} <= results
+    assert {"D-jitter-multicrop-multi.npz", "E-jitter-both-multi.npz", "DE-jitter-both-multi.npz"} <= results
+    report = (project / "reports/tiny/report.md").read_text()
+    assert "Table 3" in report and "Table 6" in report and "29.6" in report  # the paper's A beside ours
+    assert (project / "mlflow.db").is_file()
+
+
+def test_a_second_repro_is_a_no_op(project, ray_cluster):
+    result = _run([str(BIN / "dvc"), "repro"], project, _env(ray_cluster))
+    assert result.returncode == 0
+    assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_metrics_are_declared(project, ray_cluster):
+    result = _run([str(BIN / "dvc"), "metrics", "show", "--json"], project, _env(ray_cluster))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    table3 = next(iter(metrics.values()))["data"]["reports/tiny/metrics.json"]["data"]["table3"]
+    assert 0.0 <= table3["A/low"]["top1_err"] <= 100.0
+
+
+def _changed(project: Path, env: dict[str, str]) -> set[str]:
+    result = _run([str(BIN / "dvc"), "status", "--json"], project, env)
+    assert result.returncode == 0, result.stderr
+    return {stage.split("@")[0] for stage in json.loads(result.stdout)}
+
+
+def test_a_training_param_or_library_edit_reruns_only_what_depends_on_it(project, ray_cluster):
+    env = _env(ray_cluster)
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["profiles"]["tiny"]["train"]["lr"] = 0.02
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = _changed(project, env)
+        assert {"train-scratch", "train-deep", "train-high", "train-jitter"} <= changed
+        assert not changed & STAGES_UPSTREAM_OF_TRAINING
+    finally:
+        params_path.write_text(original)
+
+    report_code = project / "vgg/report.py"
+    code = report_code.read_text()
+    report_code.write_text(code + "\n# an edit\n")
+    try:
+        assert _changed(project, env) == {"report"}
+    finally:
+        report_code.write_text(code)
+
+
+def test_the_paper_profile_without_imagenet_says_which_param_and_files(project, ray_cluster):
+    result = _run([str(BIN / "vgg"), "synth", "data/paper/raw", "--profile", "paper"], project, _env(ray_cluster))
+    assert result.returncode == 2
+    assert "profiles.paper.data.raw" in result.stderr and "ILSVRC2012_img_train.tar" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_outside_the_project_is_one_line(tmp_path, ray_cluster):
+    result = _run([str(BIN / "vgg"), "demo"], tmp_path, _env(ray_cluster))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: params file not found") and "Traceback" not in result.stderr
+
+
+def test_ray_job_submit_runs_vgg_train_on_the_cluster(tmp_path, tiny_params, tiny_shards, ray_cluster):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    shutil.copy(tiny_params, job_dir / "params.yaml")
+    out = tmp_path / "A-low.pt"
+    env = _env(ray_cluster)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(job_dir),
+              "--", "vgg", "train", "--config", "A", "--scale", "low", "--shards", str(tiny_shards), "--out", str(out),
+              "--storage", str(tmp_path / "ray_results"), "--no-track"]
+    for _ in range(30):  # the head's job agent comes up some seconds after `ray start` returns
+        result = _run(submit, job_dir, env, timeout=600)
+        if "No available agent to submit job" not in result.stdout + result.stderr:
+            break
+        time.sleep(5)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    from vgg.train import checkpoint
+
+    assert checkpoint.load(out, expect_config="A")["config"] == "A"
