@@ -100,9 +100,10 @@ def tune(
     try:
         connect()
         _check_capacity(profile)
+        ledger = TrialLedger(parent=parent, base=base)
         grid = _search(base, plan=plan, space=space, max_epochs=max_epochs, time_budget_s=time_budget_s,
-                       name=name, parent=parent)
-        rows = _table(grid)
+                       name=name, ledger=ledger)
+        rows = _table(grid, ledger)
         print(format_table(rows))
         if len(rows) < trials:
             print(f"{trials - len(rows)} of {trials} planned trials did not start within the time budget "
@@ -154,7 +155,8 @@ def check_space(
     crop, max_side = profile.model.crop, profile.data.max_side
     for option, sizes in (("--s-min", s_min_range), ("--s-max", s_max_range)):
         if len(sizes) == 0:
-            raise ConfigError(f"{option}: no sizes given; list candidate S values in px, e.g. {option} {crop}:{max_side}:8")
+            raise ConfigError(f"{option}: no sizes given; list candidate S values in px, e.g. "
+                              f"{option} {crop}:{max_side}:8")
         for size in sizes:
             if size < crop or size > max_side:
                 raise ConfigError(
@@ -236,12 +238,11 @@ def _search(
     max_epochs: int,
     time_budget_s: float,
     name: str,
-    parent: TrackedRun | None,
+    ledger: TrialLedger,
 ) -> ray.tune.ResultGrid:
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, base=_job_to_dict(base), max_epochs=max_epochs), TRIAL_RESOURCES
     )
-    callbacks = [TrialRuns(parent=parent, base=base)] if parent is not None else []
     tuner = ray.tune.Tuner(
         trainable,
         # The planned points are what runs (they are all the samples); the distributions record the space in Tune's
@@ -252,14 +253,14 @@ def _search(
         tune_config=ray.tune.TuneConfig(
             metric=METRIC,
             mode="min",
-            scheduler=ASHAScheduler(time_attr="epoch", grace_period=1, max_t=max_epochs),
+            # Stops a trial whose val/top1_err is behind at epoch 1, 4, 16...; at max_epochs `fit` ends it itself.
+            scheduler=ASHAScheduler(time_attr="epoch", grace_period=1, max_t=max_epochs, stop_last_trials=False),
             search_alg=BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=1,
                                              random_state=base.profile.train.seed),
             num_samples=len(plan),
             time_budget_s=time_budget_s,
-            trial_dirname_creator=lambda trial: trial.trial_id,  # the table reads the id back from the path
         ),
-        run_config=ray.tune.RunConfig(name=name, storage_path=str(base.storage), callbacks=callbacks,
+        run_config=ray.tune.RunConfig(name=name, storage_path=str(base.storage), callbacks=[ledger],
                                   failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
     )
     return tuner.fit()
@@ -313,15 +314,22 @@ def _check_capacity(profile: Profile) -> None:
             )
 
 
-class TrialRuns(ray.tune.Callback):
-    """Runs in the Tune driver: one MLflow child run per trial under the tune run, with its per-epoch metrics."""
+class TrialLedger(ray.tune.Callback):
+    """Runs in the Tune driver: each trial's configuration and outcome as seen live (a trial stopped before its
+    first report has no config in its Result, and the stored results do not say whether `fit` ended by itself),
+    and, when tracking, one MLflow child run per trial under the tune run, with its per-epoch metrics."""
 
-    def __init__(self, *, parent: TrackedRun, base: TrainJob) -> None:
+    def __init__(self, *, parent: TrackedRun | None, base: TrainJob) -> None:
         self.parent, self.base = parent, base
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.outcomes: dict[str, str] = {}
         self.runs: dict[str, TrackedRun] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.runs:  # a restarted trial keeps its run
+        if trial.trial_id in self.configs:  # a restarted trial keeps its record and run
+            return
+        self.configs[trial.trial_id] = dict(trial.config)
+        if self.parent is None:
             return
         lr, s_min, s_max = trial.config["lr"], trial.config["s_min"], trial.config["s_max"]
         profile, key = self.base.profile, self.base.scale
@@ -339,21 +347,22 @@ class TrialRuns(ray.tune.Callback):
             self.runs[trial.trial_id].log_metrics(metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "completed" if (trial.last_result or {}).get("done") else "stopped")
+        # `done` is set on the result Tune makes when the trial function returns, not on a result ASHA stopped at.
+        self._finish(trial.trial_id, "completed" if (trial.last_result or {}).get("done") else "stopped")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "failed")
+        self._finish(trial.trial_id, "failed")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        for trial in trials:  # still running when the time budget ran out
-            self._finish(trial, "stopped")
+        for trial_id in self.configs.keys() - self.outcomes.keys():  # still running when the time budget ran out
+            self._finish(trial_id, "stopped")
 
-    def _finish(self, trial: Any, outcome: str) -> None:
-        run = self.runs.pop(trial.trial_id, None)
-        if run is None:
-            return
-        run.client.set_tag(run.run_id, "outcome", outcome)
-        run.finish("FAILED" if outcome == "failed" else "FINISHED")
+    def _finish(self, trial_id: str, outcome: str) -> None:
+        self.outcomes[trial_id] = outcome
+        run = self.runs.pop(trial_id, None)
+        if run is not None:
+            run.client.set_tag(run.run_id, "outcome", outcome)
+            run.finish("FAILED" if outcome == "failed" else "FINISHED")
 
 
 def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int,
@@ -369,25 +378,25 @@ def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: 
                       tags=tags, params=params)
 
 
-def _table(grid: ray.tune.ResultGrid) -> tuple[TrialResult, ...]:
-    """The trials Tune ran, best first (lowest top-1, then top-5 error; trials without an epoch last)."""
+def _table(grid: ray.tune.ResultGrid, ledger: TrialLedger) -> tuple[TrialResult, ...]:
+    """The trials that started, best first (lowest top-1, then top-5 error; trials without an epoch last)."""
     rows = []
     for result in grid:
+        trial_id = result.metrics["trial_id"]
+        if trial_id not in ledger.configs:  # created, but the time budget ran out before it started
+            continue
+        config = ledger.configs[trial_id]
         frame = result.metrics_dataframe
         epochs = frame.dropna(subset=[METRIC]) if frame is not None and METRIC in frame else None
         if epochs is not None and len(epochs):
             best = epochs.loc[epochs[METRIC].idxmin()]
             top1, top5, best_epoch = float(best[METRIC]), float(best["val/top5_err"]), int(best["epoch"])
         else:
-            top1 = top5 = math.nan
-            best_epoch = 0
-        if result.error is not None:
-            outcome = "failed"
-        else:
-            outcome = "completed" if result.metrics.get("done") else "stopped"
-        rows.append(TrialResult(trial=Path(result.path).name, lr=float(result.config["lr"]),
-                                s_min=int(result.config["s_min"]), s_max=int(result.config["s_max"]), epochs=0 if epochs is None else len(epochs), top1_err=top1,
-                                top5_err=top5, best_epoch=best_epoch, outcome=outcome))
+            top1, top5, best_epoch = math.nan, math.nan, 0
+        outcome = "failed" if result.error is not None else ledger.outcomes.get(trial_id, "stopped")
+        rows.append(TrialResult(trial=trial_id, lr=float(config["lr"]), s_min=int(config["s_min"]),
+                                s_max=int(config["s_max"]), epochs=0 if epochs is None else len(epochs),
+                                top1_err=top1, top5_err=top5, best_epoch=best_epoch, outcome=outcome))
     return tuple(sorted(rows, key=lambda row: (math.isnan(row.top1_err), row.top1_err, row.top5_err)))
 
 
@@ -401,8 +410,8 @@ def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResu
         if user_error is not None:
             raise user_error
     if errors:
-        first = str(errors[0]).strip().splitlines()
-        raise ClusterError(f"all {len(rows)} trials failed (first: {first[-1][:300] if first else type(errors[0]).__name__}); "
+        last_line = (str(errors[0]).strip().splitlines() or [type(errors[0]).__name__])[-1][:300]
+        raise ClusterError(f"no trial finished an epoch; {len(errors)} of {len(rows)} failed (first: {last_line}); "
                            "see the Ray logs above")
     raise ConfigError(f"--time-budget: no trial finished an epoch in time ({len(rows)} started); raise it")
 

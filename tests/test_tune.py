@@ -121,7 +121,8 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
 
     space = check_space(profile, scale_key="jitter", max_epochs=2, time_budget_s=900, **SPACE)
     plan = plan_trials(space, trials=2, seed=profile.train.seed)
-    assert sorted((row.lr, row.s_min, row.s_max) for row in rows) == sorted((t["lr"], t["s_min"], t["s_max"]) for t in plan)
+    planned = sorted((trial["lr"], trial["s_min"], trial["s_max"]) for trial in plan)
+    assert sorted((row.lr, row.s_min, row.s_max) for row in rows) == planned
     assert [row.top1_err for row in rows] == sorted(row.top1_err for row in rows)
     assert all(1 <= row.epochs <= 2 and row.outcome in ("completed", "stopped") for row in rows)
     assert all(0.0 <= row.top5_err <= row.top1_err <= 100.0 for row in rows)
@@ -135,7 +136,8 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
     assert tuned == {"train": {"lr": best.lr}, "scales": {"jitter": {"s_min": best.s_min, "s_max": best.s_max}}}
     merged = load_profile(tiny_params, overrides=[f"train.lr={tuned['train']['lr']!r}",
                                                   f"scales.jitter={tuned['scales']['jitter']}"])
-    assert (merged.train.lr, merged.scales.jitter.s_min, merged.scales.jitter.s_max) == (best.lr, best.s_min, best.s_max)
+    assert (merged.train.lr, merged.scales.jitter.s_min, merged.scales.jitter.s_max) == (
+        best.lr, best.s_min, best.s_max)
     deep = profile.to_dict()
     deep["train"].update(tuned["train"])
     deep["scales"]["jitter"].update(tuned["scales"]["jitter"])
