@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
-import yaml
 import ray.tune
+import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -255,13 +255,13 @@ def _search(
             mode="min",
             # Stops a trial whose val/top1_err is behind at epoch 1, 4, 16...; at max_epochs `fit` ends it itself.
             scheduler=ASHAScheduler(time_attr="epoch", grace_period=1, max_t=max_epochs, stop_last_trials=False),
-            search_alg=BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=1,
-                                             random_state=base.profile.train.seed),
+            search_alg=BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=1),
             num_samples=len(plan),
             time_budget_s=time_budget_s,
         ),
+        # A failed trial is not retried by Tune: its Train run already restarts its worker group (max_failures).
         run_config=ray.tune.RunConfig(name=name, storage_path=str(base.storage), callbacks=[ledger],
-                                  failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
     )
     return tuner.fit()
 
