@@ -232,8 +232,7 @@ def tune(
     shards: Annotated[Path, typer.Option("--shards", help="output of `vgg ingest`")],
     out: Annotated[Path, typer.Option("--out", help="best values as a params.yaml overlay to merge")] = Path("tune-best.yaml"),
     scale: Annotated[str, typer.Option(help="which scales entry the S range tunes (low, high, jitter)")] = "jitter",
-    lr_min: Annotated[float, typer.Option(help="lower end of the log-uniform lr range")] = 1e-3,
-    lr_max: Annotated[float, typer.Option(help="upper end of the log-uniform lr range")] = 3e-2,
+    lr_range: Annotated[tuple[float, float], typer.Option("--lr-range", help="log-uniform lr range: LOW HIGH")] = (1e-3, 1e-1),
     s_min: Annotated[str, typer.Option(help="Smin candidates, px: 40,48 or 40:56:8")] = "40,48",
     s_max: Annotated[str, typer.Option(help="Smax candidates, px: 56,64,72 or 56:72:8")] = "56:72:8",
     trials: Annotated[int, typer.Option(help="trials (each a Ray Train run)")] = 4,
@@ -250,7 +249,7 @@ def tune(
 
     resolved = _profile(params, profile, set_)
     ray_tune.tune(
-        resolved, config=config, scale_key=scale, shards=shards, lr_range=(lr_min, lr_max),
+        resolved, config=config, scale_key=scale, shards=shards, lr_range=lr_range,
         s_min_range=ray_tune.parse_sizes(s_min, option="--s-min"),
         s_max_range=ray_tune.parse_sizes(s_max, option="--s-max"),
         trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage, out=out, track=track,
