@@ -94,6 +94,15 @@ def check_job(job: TrainJob) -> None:
             f"model.num_classes: the profile says {job.profile.model.num_classes} but {job.shards} has "
             f"{len(index.classes)} classes; use the matching profile or re-ingest"
         )
+    # Found here rather than in the workers, where Ray would retry the error max_failures times before giving up.
+    train = job.profile.train
+    steps = batches_per_epoch(index, batch_size=train.micro_batch, world_size=train.workers)
+    if steps < train.accumulation:
+        raise ConfigError(
+            f"train.batch_size: one optimizer step needs {train.accumulation} micro-batches per worker but "
+            f"{job.shards} gives each of the {train.workers} workers only {steps} per epoch; lower batch_size or use "
+            "a larger training set"
+        )
     if job.init is not None:
         source = _checkpoint_config(job.init)
         if source != job.config and not (source in ("A", "A-LRN") and job.config in ("B", "C", "D", "E")):
