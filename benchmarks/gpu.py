@@ -13,8 +13,9 @@ What it measures, in order:
    fused SGD, Preprocess with the PCA colour shift, dropout), epoch 2 of 2 timed; with cuDNN's heuristics
    (what fit does today) and with `torch.backends.cudnn.benchmark = True`; per batch size; `--compile` adds
    `TrainConfig.compile`; then one 8-step epoch under CUDA's sync debug mode counts fit's host synchronisations;
-5. input pipeline: the loader alone (`train_batches`, CPU decode workers) and the GPU decode alone
-   (`DeviceTrainCrop`, nvJPEG), then `fit` fed by each. "steady" leaves out the first wave of batches (worker
+5. input pipeline: the loader alone with each decode (`train_batches`: CPU decode in the workers, or
+   `decode_device` = the GPU: nvJPEG + `DeviceTrainCrop`, the profile's `data.decode: device`), then `fit` fed by
+   each. "steady" leaves out the first wave of batches (worker
    start-up), which an ImageNet epoch of 5,000 batches amortises;
 6. evaluation: `score_samples` dense vs multi-crop (§3.2, 50 views) at Q = 256, bf16, channels_last.
 
@@ -39,9 +40,7 @@ import json
 import math
 import os
 import platform
-import queue
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -220,52 +219,6 @@ def data_summary(shards: Path, *, samples: int = 256) -> dict[str, Any]:
     index = read_index(shards)
     return {"train_images": index.split("train").count, "mean_jpeg_kb": round(float(np.mean(kb)), 1),
             "mean_size": [round(float(np.mean(widths))), round(float(np.mean(heights)))]}
-
-
-class DeviceBatches:
-    """One epoch of training batches decoded on the device: a thread reads the train split's JPEG bytes in index
-    order, draws the crop uniforms and PCA alphas, and runs `DeviceTrainCrop`; `depth` batches wait ready.
-
-    (A benchmark feeder: draws come from one generator per batch, not the loader's per-sample keyed ones, and
-    there is no rank split or shuffle; wiring the device decode into `train_batches` is the loader's call.)
-    """
-
-    def __init__(self, shards: Path, *, transform: DeviceTrainCrop, batch_size: int, batches: int,
-                 device: torch.device, epoch: int, seed: int = 0, depth: int = 3) -> None:
-        self.shards, self.transform, self.batch_size, self.batches = shards, transform, batch_size, batches
-        self.device, self.epoch, self.seed = device, epoch, seed
-        self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=depth)
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        # The producer puts exactly `batches` items (or an error), so it never blocks on a consumer that stopped.
-        threading.Thread(target=self._produce, daemon=True).start()
-        for _ in range(self.batches):
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def _produce(self) -> None:
-        try:
-            samples = iter_samples(self.shards, "train")
-            for number in range(self.batches):
-                chunk = list(islice(samples, self.batch_size))
-                rng = np.random.default_rng((self.seed, self.epoch, number))
-                draws = rng.random((len(chunk), 4))  # TrainCrop's four uniforms per image
-                colour = torch.from_numpy(rng.normal(0.0, ALPHA_STD, (len(chunk), 3)).astype(np.float32))
-                labels = torch.tensor([sample.label for sample in chunk], dtype=torch.int64)
-                images = self.transform([sample.jpeg for sample in chunk], draws, device=self.device)
-                self._queue.put(Batch(images, self._upload(labels), self._upload(colour)))
-        except BaseException as error:  # handed to the consumer, which raises it
-            self._queue.put(error)
-
-    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -504,15 +457,14 @@ def main() -> int:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     batch = setup.batches[0]
     steps = min(batches_per_epoch(read_index(view), batch_size=batch, world_size=1), setup.epoch_images // batch)
-    transform = DeviceTrainCrop(scale=setup.scale, crop=setup.crop)
 
-    def loader(epoch: int, start: int = 0) -> Iterable[Batch]:
+    def loader(epoch: int, start: int = 0, decode_device: torch.device | None = None) -> Iterable[Batch]:
         return islice(train_batches(view, scale=setup.scale, crop=setup.crop, batch_size=batch, rank=0, world_size=1,
-                                    workers=workers, epoch=epoch, seed=0, start_batch=start), steps - start)
+                                    workers=workers, epoch=epoch, seed=0, start_batch=start,
+                                    decode_device=decode_device), steps - start)
 
     def on_device(epoch: int, start: int = 0) -> Iterable[Batch]:
-        return DeviceBatches(view, transform=transform, batch_size=batch, batches=steps - start, device=device,
-                             epoch=epoch)
+        return loader(epoch, start, decode_device=device)
 
     wave = min(workers, steps // 2)  # the loader's first batches arrive together, after its workers start up
     pipeline_rows = []

@@ -182,9 +182,7 @@ def train(
         metrics = run(job, tracking=tracked)
         tracked.log_dict(profile.to_dict(), "profile.json")
         tracked.log_curves()
-        model = load_model(out)
-        example = torch.zeros(2, 3, profile.model.crop, profile.model.crop).numpy()
-        tracked.register_model(model, name=f"vgg-{config}", example=example, tags=tags)
+        tracked.register_model(job.out, name=f"vgg-{config}", tags=tags)
     except BaseException:
         tracked.finish("FAILED")
         raise
@@ -287,11 +285,12 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     dtype = precision.resolve(train.precision, device)
     channels_last = precision.channels_last(train.channels_last, device=device, dtype=dtype)
     workers = profile.data.loader_workers
+    decode_device = device if profile.data.decode == "device" else None
 
     def batches(epoch: int, start: int):
         return train_batches(job.shards, scale=scale, crop=profile.model.crop, batch_size=train.micro_batch,
                              rank=rank, world_size=world, workers=workers, epoch=epoch, seed=train.seed,
-                             start_batch=start)
+                             start_batch=start, decode_device=decode_device)
 
     def validate(core: torch.nn.Module) -> tuple[float, float]:
         val = val_batches(job.shards, q=scale.single_q, crop=profile.model.crop, batch_size=train.micro_batch,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -304,6 +305,47 @@ def test_resume_does_not_decode_skipped_samples(tmp_path):
     rest = list(train_batches(shards, **args, start_batch=len(good) + 1))
     assert len(good) + 1 + len(rest) == 6
     assert 15 not in {int(label) for batch in good + rest for label in batch.labels}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_decode_makes_the_same_batches(shards, workers):
+    # `decode_device` (here the CPU: libjpeg-turbo, float resampling) moves the decode and crop out of the
+    # workers; the per-sample draws are the same, so labels and alphas are equal and crops agree to rounding.
+    cpu = torch.device("cpu")
+    on_host = epoch(shards, workers=workers)
+    on_device = epoch(shards, workers=workers, decode_device=cpu)
+    assert len(on_device) == len(on_host) == 12
+    for host, device in zip(on_host, on_device):
+        assert torch.equal(device.labels, host.labels) and torch.equal(device.colour, host.colour)
+        assert device.images.dtype == torch.uint8 and device.images.shape == host.images.shape
+        assert device.images.is_contiguous(memory_format=torch.channels_last)
+        difference = (device.images.int() - host.images.int()).abs()
+        assert difference.float().mean() < 0.5 and difference.max() <= 8
+    resumed = epoch(shards, workers=workers, decode_device=cpu, start_batch=5)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, on_device[5:], strict=True))
+
+
+def test_device_decode_stops_its_thread_and_reports_bad_jpegs_in_one_line(tmp_path, shards):
+    cpu = torch.device("cpu")
+
+    def decoding() -> list[threading.Thread]:
+        return [thread for thread in threading.enumerate() if thread.name == "device-decode"]
+
+    for batch in train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=1,
+                               epoch=0, seed=0, decode_device=cpu):
+        assert decoding()
+        break  # the consumer stops early: the decode thread must not be left behind
+    assert not decoding()
+    broken = write_shards(tmp_path / "s", {"train": [8]})
+    tar = broken / "train-000000.tar"
+    data = tar.read_bytes()
+    at = data.index(b"\xff\xd8\xff", data.index(b"train_00005.jpg"))
+    tar.write_bytes(data[:at] + b"\x00" * 4 + data[at + 4 :])
+    with pytest.raises(DataError, match="cannot decode a JPEG") as error:
+        list(train_batches(broken, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=1, epoch=0,
+                           seed=0, decode_device=cpu))
+    assert "\n" not in str(error.value)
+    assert not decoding()
 
 
 def test_verify_checks_the_sample_count(tmp_path):

@@ -8,7 +8,7 @@ from pipelines.tracking import TrackedRun, TrackingError, check_reachable, flatt
 from tests.conftest import free_port
 
 
-def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server):
+def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server, tmp_path):
     run = TrackedRun(
         uri=mlflow_server,
         experiment="vgg-test",
@@ -20,9 +20,10 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
         run.log_metrics({"train/loss": loss, "val/top1_err": top1, "lr": 0.01}, step=epoch)
     run.log_dict({"profile": "test"}, "config.json")
     run.log_curves()
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
-    version = run.register_model(model, name="vgg-test-A", example=torch.zeros(2, 3, 2, 2).numpy(),
-                                 tags={"config": "A", "scale": "40"})
+    weights = tmp_path / "A-low.pt"
+    torch.save({"model": {"fc.weight": torch.arange(6.0).view(2, 3)}}, weights)
+    version = run.register_model(weights, name="vgg-test-A", tags={"config": "A", "scale": "40"})
+    again = run.register_model(weights, name="vgg-test-A", tags={"config": "A", "scale": "40"})
     run.finish()
 
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -35,7 +36,10 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.json", "curves.png"} <= artifacts
     registered = client.get_model_version("vgg-test-A", version)
-    assert registered.tags == {"config": "A", "scale": "40"}
+    assert registered.tags == {"config": "A", "scale": "40"} and registered.run_id == run.run_id
+    assert int(again) == int(version) + 1  # the registered model exists already: a new version
+    downloaded = client.download_artifacts(run.run_id, "model/A-low.pt", str(tmp_path / "download"))
+    assert torch.equal(torch.load(downloaded, weights_only=True)["model"]["fc.weight"], torch.arange(6.0).view(2, 3))
 
 
 def test_parent_and_child_runs(mlflow_server):

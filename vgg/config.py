@@ -81,6 +81,7 @@ class DataConfig:
     shard_size: int  # samples per WebDataset shard
     max_side: int  # px: ingest downscales once any image whose smallest side exceeds this
     loader_workers: int  # DataLoader worker processes per training process
+    decode: Literal["cpu", "device"]  # training JPEG decode + crop: in the loader workers, or on the training device
 
     def __post_init__(self) -> None:
         _positive(self, "shard_size", "max_side")

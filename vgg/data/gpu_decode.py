@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from vgg.config import ScaleRange
 from vgg.data.transforms import TrainCrop, crop_window, scaled_size
@@ -40,6 +39,8 @@ def decode_jpegs(jpegs: Sequence[bytes], *, device: torch.device) -> list[torch.
     to the host: the current stream waits for the decoder's), libjpeg-turbo image by image on the CPU."""
     if not jpegs:
         raise DataError("decode_jpegs: no JPEGs given; pass a non-empty batch of JPEG bytes")
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported on use: see transforms._decode_jpeg_op
+
     data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
     try:
         with warnings.catch_warnings():

@@ -20,7 +20,10 @@ Training epoch plan (`train_batches`), computed identically on every rank from (
    set of samples of a rank does not.
 5. Each sample's augmentation (S, crop position, flip, PCA alpha) comes from a generator seeded by
    (seed, epoch, key): it does not depend on the rank or worker layout.
-6. `start_batch` resumes mid-epoch exactly: workers replay their stream up to the first batch to yield,
+6. Decode: in the dataloader workers (CPU, `TrainCrop`), or — `decode_device` given — on the training device in
+   the consuming process (`DeviceTrainCrop`; nvJPEG on CUDA): workers then only read JPEG bytes and draw each
+   sample's uniforms from the same per-sample generator, so both paths make the same S, window, flip and alpha.
+7. `start_batch` resumes mid-epoch exactly: workers replay their stream up to the first batch to yield,
    reading but not decoding the skipped samples, and rotate so batch `start_batch` comes first.
 
 Mixing within an epoch relies on the writer having shuffled samples across shards (a shard holding one class
@@ -32,11 +35,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import queue
 import random
+import threading
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vgg.config import ScaleRange
+from vgg.data.gpu_decode import DeviceTrainCrop
 from vgg.data.transforms import CentreCrop, TrainCrop
 from vgg.errors import ConfigError, DataError
 
@@ -353,6 +360,15 @@ class Batch(NamedTuple):
     colour: Tensor  # float32 [N, 3], PCA lighting alpha ~ N(0, 0.1) (zeros for validation)
 
 
+class RawBatch(NamedTuple):
+    """A training batch before decoding, as workers yield it when the decode runs on the device."""
+
+    jpegs: list[bytes]
+    draws: Tensor  # float64 [N, 4]: the uniforms TrainCrop draws per sample (S, left, top, flip)
+    labels: Tensor  # int64 [N]
+    colour: Tensor  # float32 [N, 3], PCA lighting alpha ~ N(0, 0.1)
+
+
 def batches_per_epoch(index: ShardIndex, *, batch_size: int, world_size: int) -> int:
     """Batches every rank yields per training epoch: (train count // world_size) // batch_size."""
     count = index.split("train").count
@@ -369,7 +385,15 @@ class Batches:
     """One epoch's batches for this rank: `len()` is known up front; iterate once per epoch. Errors raised in a
     dataloader worker come back as one-line `DataError`s (torch wraps them in a traceback)."""
 
-    def __init__(self, dataset: IterableDataset, *, workers: int, length: int) -> None:
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        *,
+        workers: int,
+        length: int,
+        finish: Callable[[RawBatch], Batch] | None = None,
+    ) -> None:
+        self._finish = finish  # turns what the workers yield into a Batch in this process (the device decode)
         self._loader = DataLoader(
             dataset,
             batch_size=None,  # workers build whole batches
@@ -385,13 +409,52 @@ class Batches:
     def __iter__(self) -> Iterator[Batch]:
         batches = iter(self._loader)
         try:
-            yield from batches
+            yield from batches if self._finish is None else _ahead(map(self._finish, batches), depth=2)
             return
         except DataError as error:  # from a worker: "Caught DataError in ...\n<traceback>\nvgg.errors.DataError: msg"
             message = str(error).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
             error.__traceback__ = None  # torch's re-raise leaves a reference cycle through it; break it
         del batches  # stop the workers now, not when a garbage collection finds the cycle
         raise DataError(message)
+
+
+def _ahead(items: Iterator[Any], *, depth: int) -> Iterator[Any]:
+    """`items` produced by a thread up to `depth` ahead of the consumer, so that the device decode of the next
+    batches is queued while the current one trains. An error of the producer is raised here, in order."""
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            put((False, error))
+
+    thread = threading.Thread(target=produce, name="device-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = ready.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:  # the consumer stopped early or the producer failed: let the producer finish its item and exit
+        stop.set()
+        thread.join()
 
 
 def train_batches(
@@ -406,14 +469,20 @@ def train_batches(
     epoch: int,
     seed: int,
     start_batch: int = 0,
+    decode_device: torch.device | None = None,
 ) -> Batches:
     """This rank's training batches of `epoch` (see the module doc for the plan), from batch `start_batch` on.
 
     scale: S range (§3.1); crop: px; batch_size: images per batch on this rank; workers: dataloader worker
-    processes (0 = in this process).
+    processes (0 = in this process); decode_device: None decodes in the workers, else batches are decoded and
+    cropped on this device as they are consumed, and their images are already there.
     """
     _check_layout(batch_size=batch_size, rank=rank, world_size=world_size, workers=workers)
     transform = TrainCrop(scale=scale, crop=crop)
+    finish = None
+    if decode_device is not None:
+        finish = partial(_decode_on, transform=DeviceTrainCrop(scale=scale, crop=crop), device=decode_device)
+
     index = read_index(shards_dir)
     batches = batches_per_epoch(index, batch_size=batch_size, world_size=world_size)
     if not 0 <= start_batch <= batches:
@@ -434,8 +503,9 @@ def train_batches(
         epoch=epoch,
         rank=rank,
         start_batch=start_batch,
+        decode=decode_device is None,
     )
-    return Batches(dataset, workers=workers, length=batches - start_batch)
+    return Batches(dataset, workers=workers, length=batches - start_batch, finish=finish)
 
 
 def val_batches(
@@ -470,6 +540,10 @@ def val_batches(
         classes=len(index.classes),
     )
     return Batches(dataset, workers=workers, length=batches)
+
+
+def _decode_on(raw: RawBatch, *, transform: DeviceTrainCrop, device: torch.device) -> Batch:
+    return Batch(transform(raw.jpegs, raw.draws.tolist(), device=device), raw.labels, raw.colour)
 
 
 def _check_layout(*, batch_size: int, rank: int, world_size: int, workers: int) -> None:
@@ -570,15 +644,16 @@ class _TrainStream(IterableDataset):
         epoch: int,
         rank: int,
         start_batch: int,
+        decode: bool,
     ) -> None:
         self.segments, self.counts, self.transform = segments, counts, transform
         self.batch_size, self.classes, self.seed, self.epoch, self.rank = batch_size, classes, seed, epoch, rank
-        self.start_batch = start_batch
+        self.start_batch, self.decode = start_batch, decode
 
     def __len__(self) -> int:
         return sum(self.counts) - self.start_batch
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | RawBatch]:
         info = get_worker_info()
         lanes = len(self.counts)
         # Rotate so that this epoch's batch `start_batch` comes from the worker torch asks first.
@@ -592,7 +667,21 @@ class _TrainStream(IterableDataset):
         for number in range(self.counts[lane]):
             chunk = [next(samples) for _ in range(self.batch_size)]
             if number >= skip:
-                yield self._batch(chunk, sample_random)
+                yield self._batch(chunk, sample_random) if self.decode else self._raw_batch(chunk, sample_random)
+
+    def _raw_batch(self, chunk: list[Item], sample_random: _SampleRandom) -> RawBatch:
+        jpegs, labels = [], []
+        draws = np.empty((len(chunk), 4), dtype=np.float64)
+        colour = np.empty((len(chunk), 3), dtype=np.float32)
+        for i, (shard, key, fields) in enumerate(chunk):
+            jpeg, label = _jpeg_label(shard, key, fields, self.classes)
+            rng = sample_random(key)
+            draws[i] = rng.random(4)  # TrainCrop's one draw, then the alpha: the same values as the CPU path
+            colour[i] = rng.normal(0.0, ALPHA_STD, 3)
+            jpegs.append(jpeg)
+            labels.append(label)
+        return RawBatch(jpegs, torch.from_numpy(draws), torch.tensor(labels, dtype=torch.int64),
+                        torch.from_numpy(colour))
 
     def _batch(self, chunk: list[Item], sample_random: _SampleRandom) -> Batch:
         crop = self.transform.crop

@@ -18,6 +18,8 @@ smallest side ≥ the target scale.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import math
 import struct
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode  # also loads torchvision's image ops (torch.ops.image)
 
 from vgg.config import ScaleRange
 from vgg.errors import ConfigError, DataError
@@ -100,9 +101,20 @@ def decode_chw(jpeg: bytes, *, min_side: int) -> torch.Tensor:
         # The op behind torchvision.io.decode_jpeg (pinned torchvision 0.29), called directly: the wrapper warns
         # on every call that torchvision's decoders are deprecated for TorchCodec, which costs ~80 µs per image.
         data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
-        return torch.ops.image.decode_jpeg(data, ImageReadMode.RGB.value, False)
+        return _decode_jpeg_op()(data, _READ_RGB, False)
     except RuntimeError as error:
         raise DataError(f"cannot decode JPEG: {error}; re-run `vgg ingest` on the source") from None
+
+
+_READ_RGB = 3  # torchvision.io.ImageReadMode.RGB.value
+
+
+@functools.cache
+def _decode_jpeg_op():
+    """torchvision's decode_jpeg op, loaded on first use: `import torchvision` (which registers torch.ops.image)
+    costs ~2.5 s here, paid by every `vgg` process that imports this module but may never decode at full size."""
+    importlib.import_module("torchvision")
+    return torch.ops.image.decode_jpeg
 
 
 def crop_window(image: torch.Tensor, *, side: int, left: int, top: int, crop: int, flip: bool) -> torch.Tensor:
