@@ -10,13 +10,21 @@ Both train the same architecture (Table 1, A = torchvision's vgg11) on the same 
   reseeding. images/s is fit's own
   `train/images_per_s` of its second epoch (the first warms up oneDNN/cuDNN).
 
-Every arm runs in a fresh process, once with glibc's default malloc and once with the tuning of STACK.md
+End to end (`--e2e`, after the step table): `vgg train` exactly as a DVC stage runs it (local Ray started by the
+command, the input pipeline from shards, validation, checkpoints, MLflow tracking and registration) against a
+torchvision reference `train.py`-style script (ImageFolder over the extracted JPEGs, RandomResizedCrop + flip,
+vgg11 fp32, one validation pass), both for one epoch of the same generated images at 224 px (`vgg synth` with
+ImageNet-like sizes; for `vgg train`, `vgg ingest`d shards). Reported: the wall time of each command and its
+images/s over the whole command, and the steady training rate inside it.
+
+Every step arm runs in a fresh process, once with glibc's default malloc and once with the tuning of STACK.md
 (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`: keep freed memory instead of page-faulting it back on
 every step). Those variables only act when set before the process starts, so the launcher (Makefile, Ray
 `runtime_env`) must set them; this script does so for its child processes.
 
     python benchmarks/train_step.py --out results/bench_train_step.json
     python benchmarks/train_step.py --batch 16 --steps 4 --precision bf16
+    python benchmarks/train_step.py --e2e --out benchmarks/out/train_step.json     # + end to end, ~6 more min
 
 Defaults (batch 8, 2 timed steps) take about 2-3 min on 2 CPU cores.
 """
@@ -28,8 +36,10 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 GFLOP_PER_IMAGE = 3 * 7.61 * 2  # VGG-A at 224: forward 7.61 GMACs; backward ≈ 2× forward; 2 FLOP per MAC
 CROP = 224  # px, §2.1
+E2E_CLASSES, E2E_TRAIN_PER_CLASS, E2E_VAL_PER_CLASS = 4, 12, 4  # 48 training images: 6 steps of batch 8
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's reference transforms
 
 
 def baseline(*, batch: int, steps: int, device: torch.device) -> dict[str, float]:
@@ -113,6 +125,91 @@ def ours(*, batch: int, steps: int, device: torch.device, precision: str, compil
     }
 
 
+def reference_e2e(folder: Path, *, batch: int, workers: int) -> dict[str, float]:
+    """torchvision's reference train.py loop for one epoch: ImageFolder + RandomResizedCrop(224) + flip +
+    normalise, vgg11 fp32, SGD; then one validation pass (Resize(256) + CenterCrop(224)), as train.py does."""
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    normalise = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = torchvision.datasets.ImageFolder(
+        folder / "train", v2.Compose([v2.RandomResizedCrop(CROP), v2.RandomHorizontalFlip(), *normalise]))
+    val = torchvision.datasets.ImageFolder(folder / "val", v2.Compose([v2.Resize(256), v2.CenterCrop(CROP), *normalise]))
+    model = torchvision.models.vgg11(num_classes=len(train.classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loader = DataLoader(train, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    started, images = None, 0
+    model.train()
+    for step, (x, y) in enumerate(loader):
+        if step == 1:  # the steady rate leaves out the first step (worker start-up, oneDNN warm-up)
+            started = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        images += len(y) if step >= 1 else 0
+    steady = images / (time.perf_counter() - started)
+    model.eval()
+    with torch.inference_mode():
+        for x, _ in DataLoader(val, batch_size=batch, num_workers=workers):
+            model(x)
+    return {"steady_images_per_s": steady}
+
+
+def end_to_end(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Both commands on the same generated images; returns one row per command."""
+    from vgg.config import SynthConfig
+    from vgg.data.shards import ingest
+    from vgg.data.synthetic import synthesize
+
+    config = SynthConfig(classes=E2E_CLASSES, train_per_class=E2E_TRAIN_PER_CLASS, val_per_class=E2E_VAL_PER_CLASS,
+                         min_side=256, max_side=400, seed=0)  # ImageNet-like: smallest side 256–400 px
+    synthesize(work / "raw", config)
+    ingest(work / "raw", work / "shards", max_side=512, shard_size=8, workers=1)
+    _extract_image_folder(work / "raw", work / "folder")
+    train_images = E2E_CLASSES * E2E_TRAIN_PER_CLASS // args.batch * args.batch
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **MALLOC_TUNED, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)  # a local Ray, started by the command, as a user's first `vgg train`
+    vgg = [str(Path(sys.executable).with_name("vgg")), "train", "--params", str(ROOT / "params.yaml"),
+           "--profile", "paper", "--config", "A", "--scale", "low", "--shards", str(work / "shards"),
+           "--out", str(work / "A-low.pt"), "--storage", str(work / "ray_results"), "--workers", "1"]
+    for key, value in {"model.num_classes": E2E_CLASSES, "train.batch_size": args.batch,
+                       "train.micro_batch": args.batch, "train.use_gpu": False, "train.max_epochs": 1,
+                       "train.compile": False, "train.checkpoint_every": 0, "data.loader_workers": 1}.items():
+        vgg += ["--set", f"{key}={value}"]
+    reference = [sys.executable, __file__, "--arm", "reference-e2e", "--batch", str(args.batch),
+                 "--folder", str(work / "folder")]
+    rows = []
+    for label, command in [("torchvision reference train.py loop", reference), ("vgg train (Ray, MLflow)", vgg)]:
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"error: end-to-end arm '{label}' failed:\n{(done.stderr or done.stdout)[-3000:]}")
+        if command is reference:
+            steady = json.loads(done.stdout.strip().splitlines()[-1])["steady_images_per_s"]
+        else:  # `wrote ...: ..., train/images_per_s X` (fit's rate over the epoch)
+            steady = float(re.findall(r"train/images_per_s ([0-9.]+)", done.stdout + done.stderr)[-1])
+        rows.append({"arm": label, "wall_s": wall, "images_per_s": train_images / wall,
+                     "steady_images_per_s": steady})
+    return rows
+
+
+def _extract_image_folder(raw: Path, out: Path) -> None:
+    """ILSVRC2012_img_train.tar (one inner tar per WNID) and the val tar + devkit ground truth → ImageFolder's
+    train/WNID/*.JPEG and val/WNID/*.JPEG."""
+    from vgg.data.imagenet import open_raw
+
+    source = open_raw(raw)
+    for split in ("train", "val"):
+        for sample in source.iter_split(split):
+            target = out / split / sample.wnid / Path(sample.name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(sample.data)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,7 +225,9 @@ def _cpu_name() -> str:
 
 def _child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    if args.arm == "baseline":
+    if args.arm == "reference-e2e":
+        result = reference_e2e(args.folder, batch=args.batch, workers=1)
+    elif args.arm == "baseline":
         result = baseline(batch=args.batch, steps=args.steps, device=device)
     else:
         result = ours(batch=args.batch, steps=args.steps, device=device, precision=args.precision,
@@ -158,7 +257,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="ours only")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (slower on CPU, STACK.md)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--arm", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--e2e", action="store_true", help="also time `vgg train` vs a reference train.py, end to end")
+    parser.add_argument("--arm", choices=["baseline", "ours", "reference-e2e"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         _child(args)
@@ -184,6 +285,18 @@ def main() -> None:
         print(f"{row['label']:<32} {row['malloc']:<8} {row['images_per_s']:>9.2f} {row['gflop_per_s']:>8.1f} "
               f"{row['images_per_s'] / base:>8.2f}x {row['cpu_s_per_image']:>12.2f}")
     print("CPU s/image: process CPU time (all threads) per image; steadier than wall time when the cores are shared.")
+    e2e_rows = []
+    if args.e2e:
+        with tempfile.TemporaryDirectory(prefix="vgg-e2e-") as work:
+            e2e_rows = end_to_end(args, Path(work))
+        first = e2e_rows[0]
+        print(f"\nEnd to end: one epoch of {E2E_CLASSES * E2E_TRAIN_PER_CLASS} generated images at {CROP} px, batch "
+              f"{args.batch}, VGG-A, + validation")
+        print(f"{'command':<38} {'wall s':>7} {'images/s':>9} {'vs first':>9} {'steady img/s':>13} {'vs first':>9}")
+        for row in e2e_rows:
+            print(f"{row['arm']:<38} {row['wall_s']:>7.1f} {row['images_per_s']:>9.2f} "
+                  f"{row['images_per_s'] / first['images_per_s']:>8.2f}x {row['steady_images_per_s']:>13.2f} "
+                  f"{row['steady_images_per_s'] / first['steady_images_per_s']:>8.2f}x")
     if args.out:
         result = {
             "benchmark": "train_step",
@@ -201,6 +314,7 @@ def main() -> None:
             "torch": torch.__version__,
             "malloc_tuned_env": MALLOC_TUNED,
             "rows": rows,
+            "end_to_end": e2e_rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         temp = args.out.with_name(f".{args.out.name}.tmp")

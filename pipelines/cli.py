@@ -278,7 +278,8 @@ def demo(
             # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them.
             from pipelines.cluster import AUTH_ENV, local_cluster
 
-            env.update(AUTH_ENV, RAY_ADDRESS=stack.enter_context(local_cluster()).address)
+            env.update(AUTH_ENV, RAY_ADDRESS=stack.enter_context(local_cluster()).address,
+                       RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")  # one more actor per stage; no preemption here
         if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], env=env).returncode != 0:
             raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
     report = Path("reports") / resolved.name / "report.md"
