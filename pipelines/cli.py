@@ -273,7 +273,8 @@ def demo(
         raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        env = dict(os.environ)
+        # dvc's stages call `vgg`: this environment's, also when it is not activated (`.venv/bin/vgg demo`).
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if not env.get("RAY_ADDRESS"):
             # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them.
             from pipelines.cluster import AUTH_ENV, local_cluster

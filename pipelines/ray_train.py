@@ -82,6 +82,11 @@ class TrainJob:
             return self.profile.train.fine_tune_lr
         return self.profile.train.lr
 
+    @property
+    def warm_start(self) -> bool:
+        """§3.1: B–E start from a trained A (its first four convs and FC layers; the rest freshly initialised)."""
+        return self.init is not None and _checkpoint_config(self.init) != self.config
+
 
 def check_job(job: TrainJob) -> None:
     """Every user-fixable problem, found before Ray starts: one line each."""
@@ -269,7 +274,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     scale = profile.scale(job.scale)
     header = checkpoint.header(config=job.config, profile=profile, scale=scale)
 
-    model = from_config(job.config, profile.model, generator=torch.Generator().manual_seed(train.seed))
+    model = from_config(job.config, profile.model, warm=job.warm_start,
+                        generator=torch.Generator().manual_seed(train.seed))
     resume = None
     restored = ray.train.get_checkpoint()
     if restored is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -74,13 +75,24 @@ def git_commit(root: Path) -> str:
     return f"{commit}+dirty" if dirty else commit
 
 
+def metric_name(key: str) -> str:
+    """`key` as an MLflow metric name: MLflow refuses any character but letters, digits, `_ - . : /` and space
+    (the report's `table5/D/dense+multicrop/top1_err` becomes `table5/D/dense_multicrop/top1_err`)."""
+    return _METRIC_NAME_FORBIDDEN.sub("_", key)
+
+
+_METRIC_NAME_FORBIDDEN = re.compile(r"[^\w\-.:/ ]")
+
+
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], *, step: int) -> None:
-    """Log the numeric entries of `metrics` at `step`; usable from any process that can reach the store."""
+    """Log the numeric entries of `metrics` at `step` (names through `metric_name`); usable from any process that
+    can reach the store."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     now = int(time.time() * 1000)
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {metric_name(k): float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
 
 

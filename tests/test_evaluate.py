@@ -367,7 +367,7 @@ def test_torchvision_vgg11_weights_load_as_config_a(tmp_path):
 def test_our_checkpoint_loads_with_its_own_model_config(tmp_path):
     trained = tiny_model("C")
     config = ModelConfig(num_classes=CLASSES, width=0.125, fc_width=64, crop=CROP, dropout=0.5, lrn="alexnet",
-                         init="kaiming", init_std=0.01)  # fmt: skip
+                         init="kaiming", warm_init="kaiming", init_std=0.01)  # fmt: skip
     payload = {
         "format": checkpoint.FORMAT, "config": "C", "model_config": dataclasses.asdict(config),
         "model": trained.state_dict(), "scale": {"s_min": 56, "s_max": 56},

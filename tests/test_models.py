@@ -212,14 +212,17 @@ def test_build_refuses_bad_options() -> None:
 
 
 def test_from_config_is_build_with_the_config() -> None:
-    config = ModelConfig(
-        num_classes=7, width=0.25, fc_width=32, crop=64, dropout=0.3, lrn="pytorch", init="glorot", init_std=0.01
-    )
+    config = ModelConfig(num_classes=7, width=0.25, fc_width=32, crop=64, dropout=0.3, lrn="pytorch", init="glorot",
+                         warm_init="kaiming", init_std=0.01)
     model = from_config("A-LRN", config, generator=seeded(10))
     same = build(
         "A-LRN", num_classes=7, width=0.25, fc_width=32, crop=64, dropout=0.3, lrn="pytorch", init="glorot",
         generator=seeded(10),
     )
+    warm = build("A-LRN", num_classes=7, width=0.25, fc_width=32, crop=64, dropout=0.3, lrn="pytorch",
+                 init="kaiming", generator=seeded(10))
+    assert all(torch.equal(a, b) for a, b in zip(from_config("A-LRN", config, warm=True, generator=seeded(10))
+                                                 .state_dict().values(), warm.state_dict().values()))
     assert (model.name, model.crop, model.num_classes, model.classifier[2].p) == ("A-LRN", 64, 7, 0.3)
     assert model.features[0].out_channels == 16 and model.classifier[0].in_features == 128 * 2 * 2
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))

@@ -200,14 +200,16 @@ def test_warm_start_chain_copies_the_right_layers_and_fine_tunes_with_the_lower_
     seed = profile.train.seed
     a = load_model(trained_a.out)
 
-    def fresh_d() -> torch.nn.Module:  # what `_train_worker` builds before initialising
-        return from_config("D", profile.model, generator=torch.Generator().manual_seed(seed))
+    def fresh_d(warm: bool = False) -> torch.nn.Module:  # what `_train_worker` builds before initialising
+        return from_config("D", profile.model, warm=warm, generator=torch.Generator().manual_seed(seed))
 
     # D at the low scale starts from the trained A: its first four convs and fc6-8, the rest as initialised.
     d_low_job = _job(profile, tiny_shards, config="D", scale="low", init=trained_a.out, tmp=tmp_path)
     check_job(d_low_job)
-    assert d_low_job.lr == profile.train.lr  # a warm start is not fine-tuning
-    d_low, untouched = fresh_d(), fresh_d()
+    assert d_low_job.lr == profile.train.lr and d_low_job.warm_start  # a warm start is not fine-tuning
+    d_low, untouched = fresh_d(warm=True), fresh_d(warm=True)  # its own layers: model.warm_init (§3.1)
+    assert profile.model.warm_init != profile.model.init
+    assert not torch.equal(untouched.named_layers()["conv4_1"].weight, fresh_d().named_layers()["conv4_1"].weight)
     _initialise_from(d_low, d_low_job)
     layers, a_layers, fresh_layers = d_low.named_layers(), a.named_layers(), untouched.named_layers()
     for name, layer in layers.items():
@@ -227,7 +229,7 @@ def test_warm_start_chain_copies_the_right_layers_and_fine_tunes_with_the_lower_
         checkpoint.save(init, checkpoint.final({**header, "model": previous.state_dict()}))
         job = _job(profile, tiny_shards, config="D", scale=scale, init=init, tmp=tmp_path)
         check_job(job)
-        assert job.lr == profile.train.fine_tune_lr != profile.train.lr
+        assert job.lr == profile.train.fine_tune_lr != profile.train.lr and not job.warm_start
         model = fresh_d()
         _initialise_from(model, job)
         _assert_same_weights(model.state_dict(), previous.state_dict())

@@ -4,7 +4,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import TrackedRun, TrackingError, check_reachable, flatten, tracking_uri
+from pipelines.tracking import TrackedRun, TrackingError, check_reachable, flatten, metric_name, tracking_uri
 from tests.conftest import free_port
 
 
@@ -18,6 +18,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     )
     for epoch, (loss, top1) in enumerate([(2.3, 90.0), (1.9, 70.0), (1.5, 55.0)]):
         run.log_metrics({"train/loss": loss, "val/top1_err": top1, "lr": 0.01}, step=epoch)
+    run.log_metrics({"table5/D/dense+multicrop/top1_err": 21.5}, step=0)  # the report's keys: `+` is refused
     run.log_dict({"profile": "test"}, "config.json")
     run.log_curves()
     weights = tmp_path / "A-low.pt"
@@ -33,6 +34,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert logged.data.tags["config"] == "A"
     history = client.get_metric_history(run.run_id, "val/top1_err")
     assert [(m.step, m.value) for m in history] == [(0, 90.0), (1, 70.0), (2, 55.0)]
+    assert logged.data.metrics["table5/D/dense_multicrop/top1_err"] == 21.5
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.json", "curves.png"} <= artifacts
     registered = client.get_model_version("vgg-test-A", version)
@@ -65,3 +67,9 @@ def test_default_store_is_a_sqlite_file_in_the_project(tmp_path, monkeypatch):
 
 def test_flatten_gives_dotted_names():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": "1", "a.c.d": "x", "e": "None"}
+
+
+def test_metric_names_keep_what_mlflow_allows():
+    assert metric_name("val/top1_err") == "val/top1_err"
+    assert metric_name("table4/D-jitter: Q 2.5") == "table4/D-jitter: Q 2.5"
+    assert metric_name("dense+multicrop(1)") == "dense_multicrop_1_"

@@ -100,6 +100,7 @@ class ModelConfig:
     dropout: float  # on FC6 and FC7 (0.5, §3.1)
     lrn: Literal["alexnet", "pytorch"]  # how A-LRN's α is read; see vgg.models.specs
     init: Literal["normal", "glorot", "kaiming"]
+    warm_init: Literal["normal", "glorot", "kaiming"]  # B–E's layers that a warm start does not copy from A
     init_std: float  # std of the paper's normal init (§3.1 "zero mean and 10⁻² variance"; read as std, see README)
 
     def __post_init__(self) -> None:

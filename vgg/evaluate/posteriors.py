@@ -362,6 +362,7 @@ def load_model(
             dropout=0.5,
             lrn="alexnet",
             init="normal",
+            warm_init="normal",
             init_std=0.01,
         )
     if model_config is not None:

@@ -55,8 +55,11 @@ def build(
     return model
 
 
-def from_config(name: str, config: ModelConfig, *, generator: torch.Generator | None = None) -> VGG:
-    """`build` with the shape and initialisation options of a profile's `model:` section."""
+def from_config(
+    name: str, config: ModelConfig, *, warm: bool = False, generator: torch.Generator | None = None
+) -> VGG:
+    """`build` with the shape and initialisation options of a profile's `model:` section; `warm`: the model is
+    about to be warm-started from A, so its own layers get `config.warm_init`."""
     return build(
         name,
         num_classes=config.num_classes,
@@ -65,7 +68,7 @@ def from_config(name: str, config: ModelConfig, *, generator: torch.Generator | 
         crop=config.crop,
         dropout=config.dropout,
         lrn=config.lrn,
-        init=config.init,
+        init=config.warm_init if warm else config.init,
         init_std=config.init_std,
         generator=generator,
     )
