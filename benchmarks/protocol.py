@@ -25,6 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from vgg.files import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 BUDGET_S = 15 * 60  # issue 7: the small profile on 2 CPU cores
@@ -81,9 +83,7 @@ def main() -> None:
     result = {"benchmark": "protocol", "cpus": os.cpu_count(), "stages": [{"stage": n, "seconds": s} for n, s in stages],
               "dvc_repro_s": repro_s, "total_s": total_s, "budget_s": BUDGET_S, "report": report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    temp_out = args.out.with_name(f".{args.out.name}.tmp")
-    temp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temp_out, args.out)
+    write_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

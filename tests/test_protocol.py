@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import BIN, ROOT
 
-# Opt-in (`make test PYTEST_ARGS="-m protocol"`): ~10 minutes of Ray Train runs on 2 cores; see the README.
+# ~14 minutes of Ray Train runs on 2 cores, part of `make test`; `PYTEST_ARGS="-m 'not protocol'"` skips it.
 pytestmark = pytest.mark.protocol
 
 STAGES_UPSTREAM_OF_TRAINING = {"synth", "ingest"}
