@@ -32,15 +32,15 @@ STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 BUDGET_S = 15 * 60  # issue 7: the small profile on 2 CPU cores
 
 
-def run_demo(clone: Path) -> tuple[list[tuple[str, float]], float, float, str]:
-    """Run `vgg demo` in `clone`; returns ([(stage, seconds)], dvc repro seconds, total seconds, report text)."""
+def run_demo(clone: Path) -> tuple[list[tuple[str, float]], float, float]:
+    """Run `vgg demo` in `clone`; returns ([(stage, seconds)], dvc repro seconds, total seconds)."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(clone)}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
     marks: list[tuple[str, float]] = []
     repro_end = None
-    tail: list[str] = []
+    tail: list[str] = []  # for the error message
     with subprocess.Popen([str(bin_dir / "vgg"), "demo"], cwd=clone, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:
@@ -56,7 +56,7 @@ def run_demo(clone: Path) -> tuple[list[tuple[str, float]], float, float, str]:
         raise SystemExit(f"error: vgg demo failed (exit {process.returncode}):\n{''.join(tail[-40:])}")
     end = repro_end if repro_end is not None else total
     stages = [(name, (marks[i + 1][1] if i + 1 < len(marks) else end) - at) for i, (name, at) in enumerate(marks)]
-    return stages, end, total, "".join(tail)
+    return stages, end, total
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vgg-protocol-") as temp:
         clone = args.keep or Path(temp) / "repo"
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-        stages, repro_s, total_s, _ = run_demo(clone)
+        stages, repro_s, total_s = run_demo(clone)
         report = (clone / "reports" / "small" / "report.md").read_text() if (clone / "reports" / "small").is_dir() else ""
 
     groups: dict[str, list[float]] = defaultdict(list)
