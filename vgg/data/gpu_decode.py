@@ -39,7 +39,7 @@ def decode_jpegs(jpegs: Sequence[bytes], *, device: torch.device) -> list[torch.
     to the host: the current stream waits for the decoder's), libjpeg-turbo image by image on the CPU."""
     if not jpegs:
         raise DataError("decode_jpegs: no JPEGs given; pass a non-empty batch of JPEG bytes")
-    from torchvision.io import ImageReadMode, decode_jpeg  # imported on use: see transforms._decode_jpeg_op
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported on use: see transforms.jpeg_decoder
 
     data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
     try:

@@ -101,7 +101,7 @@ def decode_chw(jpeg: bytes, *, min_side: int) -> torch.Tensor:
         # The op behind torchvision.io.decode_jpeg (pinned torchvision 0.29), called directly: the wrapper warns
         # on every call that torchvision's decoders are deprecated for TorchCodec, which costs ~80 µs per image.
         data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
-        return _decode_jpeg_op()(data, _READ_RGB, False)
+        return jpeg_decoder()(data, _READ_RGB, False)
     except RuntimeError as error:
         raise DataError(f"cannot decode JPEG: {error}; re-run `vgg ingest` on the source") from None
 
@@ -110,9 +110,11 @@ _READ_RGB = 3  # torchvision.io.ImageReadMode.RGB.value
 
 
 @functools.cache
-def _decode_jpeg_op():
+def jpeg_decoder():
     """torchvision's decode_jpeg op, loaded on first use: `import torchvision` (which registers torch.ops.image)
-    costs ~2.5 s here, paid by every `vgg` process that imports this module but may never decode at full size."""
+    costs ~2.5 s here, paid by every `vgg` process that imports this module but may never decode at full size.
+    Loaders call it before forking their worker processes, which then inherit it rather than each importing
+    torchvision again (one import per epoch's workers otherwise)."""
     importlib.import_module("torchvision")
     return torch.ops.image.decode_jpeg
 
