@@ -129,6 +129,9 @@ def evaluate(
                                         "like 256,384,512")] = "single",
     torchvision: Annotated[Optional[str], typer.Option(help="the file is torchvision vgg11/13/16/19 weights of this "
                                                        "configuration (A/B/D/E); needs explicit --scales")] = None,
+    single_out: Annotated[Optional[Path], typer.Option(
+        "--single-out", help="with --scales multi: also write the single-scale posteriors (Q from the training S, "
+        "one of the three) from the same pass")] = None,
     split: Annotated[str, typer.Option(help="split of the shards to evaluate")] = "val",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     params: ParamsOption = DEFAULT_PARAMS,
@@ -143,6 +146,8 @@ def evaluate(
     from vgg.train import checkpoint
 
     resolved = _profile(params, profile, set_)
+    if single_out is not None and scales != "multi":
+        raise ConfigError("--single-out: only with --scales multi (the single-scale Q is one of the three)")
     if scales in ("single", "multi"):
         if torchvision:
             raise ConfigError("--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
@@ -159,11 +164,14 @@ def evaluate(
         network, shards, split, mode=mode, scales=q, grid=resolved.eval.grid, batch_size=resolved.eval.batch_size,
         device=device, precision="auto", channels_last=resolved.train.channels_last, progress=True,
         preprocess=TorchvisionNormalize() if torchvision else None, meta=meta,
+        keep_scales=[scale.single_q] if single_out else [],
     )
-    posteriors.save(out)
-    result = errors(posteriors)
-    typer.echo(f"{out}: {meta['config']} {mode} Q={q}: top-1 error {result['top1_err']:.2f}%, "
-               f"top-5 error {result['top5_err']:.2f}% on {len(posteriors.keys)} {split} images")
+    written = [(out, posteriors)] + ([(single_out, posteriors.at_scale(scale.single_q))] if single_out else [])
+    for path, result in written:
+        result.save(path)
+        error = errors(result)
+        typer.echo(f"{path}: {meta['config']} {mode} Q={result.meta['scales']}: top-1 error {error['top1_err']:.2f}%, "
+                   f"top-5 error {error['top5_err']:.2f}% on {len(result.keys)} {split} images")
 
 
 @app.command()

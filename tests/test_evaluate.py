@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 from types import SimpleNamespace
 
@@ -36,6 +37,8 @@ from vgg.evaluate import (
 )
 from vgg.models import build
 from vgg.train import checkpoint
+
+from tests.conftest import BIN, ROOT
 
 CROP, CLASSES = 32, 10
 WNIDS = [f"n{i:08d}" for i in range(CLASSES)]
@@ -200,17 +203,26 @@ def test_batched_dense_and_multicrop_match_per_image_computation(preprocess):
     assert not np.allclose(dense.probs, crops.probs)  # the two modes really differ on non-square images
 
 
-def test_multi_scale_is_the_mean_of_single_scales(preprocess):
+def test_multi_scale_is_the_mean_of_single_scales_and_keeps_them(preprocess):
     model = tiny_model()
-    # Smallest sides < 2·32: the JPEG draft decode is the same whatever the smallest Q (no DCT downscale).
-    samples = samples_of([jpeg(w, h, seed=i) for i, (w, h) in enumerate([(40, 33), (50, 60)])])
+    # 70×66 is decoded in the DCT at 1/2 for Q=32 but at full size for Q=48: each Q sees what a single-scale
+    # pass at that Q sees. 40×33 and 50×60 are never reduced.
+    samples = samples_of([jpeg(w, h, seed=i) for i, (w, h) in enumerate([(40, 33), (50, 60), (70, 66)])])
     options = dict(mode="dense+multicrop", preprocess=preprocess, batch_size=64, channels_last=True)
-    multi = score_samples(model, samples, scales=[32, 48], **options)
-    singles = [score_samples(model, samples, scales=[q], **options).probs for q in (32, 48)]
-    np.testing.assert_allclose(multi.probs, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+    multi = score_samples(model, samples, scales=[32, 48], keep_scales=[48, 32], **options)
+    singles = [score_samples(model, samples, scales=[q], **options) for q in (32, 48)]
+    np.testing.assert_allclose(multi.probs, np.mean([s.probs for s in singles], axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(multi.probs.sum(axis=1), 1.0, rtol=1e-5)
-    assert not np.allclose(singles[0], singles[1], atol=1e-3)  # the scales really differ
+    assert not np.allclose(singles[0].probs, singles[1].probs, atol=1e-3)  # the scales really differ
     assert multi.meta["scales"] == [32, 48] and multi.meta["mode"] == "dense+multicrop"
+    for q, single in zip((32, 48), singles):  # Table 3 from Table 4's pass
+        kept = multi.at_scale(q)
+        np.testing.assert_allclose(kept.probs, single.probs, rtol=1e-5, atol=1e-6)
+        assert kept.meta == single.meta and kept.keys == single.keys
+    with pytest.raises(ConfigError, match="Q=40 px: no single-scale posteriors kept"):
+        multi.at_scale(40)
+    with pytest.raises(ConfigError, match=r"keep_scales: \[40\] must be among the test scales \[32, 48\]"):
+        score_samples(model, samples, scales=[32, 48], keep_scales=[40], **options)
 
 
 def test_bf16_autocast_and_channels_last_stay_close_to_fp32(preprocess):
@@ -262,6 +274,18 @@ def test_bad_evaluation_input_is_a_one_line_error(shards, tmp_path):
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DataError, match=r"corrupt\.npz: not a readable posteriors file"):
         Posteriors.load(tmp_path / "corrupt.npz")
+
+
+def test_single_out_without_multi_scale_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "vgg"), "evaluate", str(tmp_path / "model.pt"), "--shards", str(tmp_path), "--out",
+         str(tmp_path / "out.npz"), "--single-out", str(tmp_path / "single.npz"), "--scales", "single"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --single-out: only with --scales multi (the single-scale Q is one of the three)"
+    )
 
 
 # Fusion -------------------------------------------------------------------------------------------------------

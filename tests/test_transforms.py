@@ -19,6 +19,7 @@ from vgg.data.transforms import (
     TrainCrop,
     crop_window,
     decode_chw,
+    draft_factor,
     decode_rgb,
     jpeg_size,
     rescale,
@@ -104,6 +105,15 @@ def test_decode_chw_is_the_pil_decode():
     big = encode(smooth(400, 300))  # ≥ 2 × min_side: decoded in the DCT at 1/2
     assert torch.equal(decode_chw(big, min_side=100), chw(decode_rgb(big, min_side=100)))
     assert decode_chw(big, min_side=100).shape == (3, 150, 200)
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 400), (130, 97), (64, 64), (63, 200), (1000, 999)])
+def test_draft_factor_is_the_reduction_pil_decodes_at(size):
+    data = encode(smooth(*size))
+    for min_side in (None, 16, 32, 40, 48, 100, 150, 256):
+        factor = draft_factor(size, min_side)
+        decoded = decode_rgb(data, min_side=min_side).size
+        assert decoded == (-(-size[0] // factor), -(-size[1] // factor)), (min_side, factor, decoded)
 
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (96, 72), (50, 50), (61, 200)])

@@ -67,6 +67,15 @@ def scaled_size(size: tuple[int, int], side: int) -> tuple[int, int]:
     return int(side * width / height), side
 
 
+def draft_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """The DCT reduction (1, 2, 4 or 8) at which `decode_rgb(min_side=...)` decodes a JPEG of `size` (width,
+    height): the largest that keeps both sides ≥ `min_side` (PIL's JPEG draft rule)."""
+    if min_side is None:
+        return 1
+    fits = min(size[0] // min_side, size[1] // min_side)
+    return next(factor for factor in (8, 4, 2, 1) if fits >= factor or factor == 1)
+
+
 def decode_rgb(jpeg: bytes, *, min_side: int | None) -> Image.Image:
     """Decode JPEG bytes to an RGB PIL image, in the DCT at 1/2, 1/4 or 1/8 size (draft mode) when that keeps the
     smallest side ≥ `min_side` px (None: full size). Draft decoding is a box-like downscale, close to an

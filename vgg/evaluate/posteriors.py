@@ -26,12 +26,13 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from vgg.config import ModelConfig, ScaleRange, from_mapping
 from vgg.data.loader import Preprocess, iter_samples, read_index, read_stats
-from vgg.data.transforms import decode_rgb
+from vgg.data.transforms import decode_rgb, draft_factor, jpeg_size
 from vgg.files import write_atomic
 from vgg.errors import CheckpointError, ConfigError, DataError
 from vgg.evaluate.views import at_scale, dense_views, multicrop_views
@@ -57,6 +58,8 @@ class Posteriors:
     probs: np.ndarray  # float32 [N, C], rows sum to 1
     meta: dict[str, Any]  # JSON-serialisable description: config, train_scale, mode, scales, models, ...
     source: str = field(default="", compare=False)  # the file it was loaded from, for error messages
+    # Q → float32 [N, C]: the posteriors of single test scales kept from a multi-scale pass (`keep_scales`); not saved.
+    by_scale: Mapping[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keys", [str(key) for key in self.keys])
@@ -95,6 +98,14 @@ class Posteriors:
         if not isinstance(meta, dict):
             raise DataError(f"{path}: its meta is not a JSON object; re-create it with `vgg evaluate`")
         return cls(keys=keys, labels=labels, probs=probs, meta=meta, source=str(path))
+
+    def at_scale(self, q: int) -> Posteriors:
+        """The posteriors of test scale `q` alone, kept from a multi-scale evaluation (`keep_scales=[q]`): what a
+        single-scale evaluation at Q = `q` gives, without a second pass over the split."""
+        if q not in self.by_scale:
+            kept = ", ".join(map(str, self.by_scale)) or "none"
+            raise ConfigError(f"Q={q} px: no single-scale posteriors kept for it (kept: {kept}); pass keep_scales=[{q}]")
+        return Posteriors(keys=self.keys, labels=self.labels, probs=self.by_scale[q], meta={**self.meta, "scales": [q]})
 
 
 def scale_meta(scale: ScaleRange, *, kind: Literal["low", "high", "jitter"] | None = None) -> dict[str, Any]:
@@ -146,11 +157,14 @@ def compute_posteriors(
     workers: int = 0,
     preprocess: nn.Module | None = None,
     meta: Mapping[str, Any] | None = None,
+    keep_scales: Sequence[int] = (),
 ) -> Posteriors:
     """Posteriors of `model` on every image of `split` in the shards at `shards_dir` (§3.2).
 
     `scales`: the test scales Q, px (one for single-scale, e.g. `ScaleRange.single_q`; three for
-    multi-scale, `ScaleRange.multi_q`). `crop` (default: the model's) must equal the model's crop.
+    multi-scale, `ScaleRange.multi_q`). `keep_scales`: some of those whose own posteriors are kept too
+    (`result.at_scale(q)`, the same as a single-scale pass at q): Table 3's Q is one of Table 4's three, so one
+    pass gives both. `crop` (default: the model's) must equal the model's crop.
     `batch_size`: views per forward pass — crops (multi-crop) or same-sized whole images (dense; an image
     and its flip count as two). `precision`: "bf16" autocast, "fp32", or "auto" (bf16 on CUDA only).
     `channels_last`: NHWC activations (the model is converted in place; several times faster for the small
@@ -189,6 +203,7 @@ def compute_posteriors(
         preprocess=preprocess,
         total=count,
         meta={"split": split, **(meta or {})},
+        keep_scales=keep_scales,
     )
 
 
@@ -209,19 +224,23 @@ def score_samples(
     workers: int = 0,
     total: int | None = None,
     meta: Mapping[str, Any] | None = None,
+    keep_scales: Sequence[int] = (),
 ) -> Posteriors:
     """`compute_posteriors` on any iterable of samples (`key`, `jpeg`, `label`): the engine behind it."""
     scales = [int(q) for q in scales]
     crop = model.crop if crop is None else crop
     _check_options(model, mode=mode, scales=scales, crop=crop, grid=grid, batch_size=batch_size, workers=workers)
+    if not set(keep_scales) <= set(scales):
+        raise ConfigError(f"keep_scales: {list(keep_scales)} must be among the test scales {scales}")
     device = torch.device(device)
     bf16 = _resolve_precision(precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     keys: list[str] = []
     labels: list[int] = []
-    dense = _Accumulator(model.num_classes) if mode != "multicrop" else None
-    crops = _Accumulator(model.num_classes) if mode != "dense" else None
+    # One accumulator per mode and Q, so every scale's own posteriors exist (`keep_scales`).
+    dense = {q: _Accumulator(model.num_classes) for q in scales} if mode != "multicrop" else {}
+    crops = {q: _Accumulator(model.num_classes) for q in scales} if mode != "dense" else {}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     was_training = model.training
     model.to(device, memory_format=memory_format).eval()
@@ -241,27 +260,30 @@ def score_samples(
             for index, (sample, images) in enumerate(_decoded(samples, scales=scales, workers=workers)):
                 keys.append(sample.key)
                 labels.append(int(sample.label))
-                for image in images:
-                    if dense is not None:
-                        dense.add(index, dense_views(image))
-                        dense.run_full(batch_size, lambda v: probabilities(v, dense_scores))
-                    if crops is not None:
-                        crops.add(index, multicrop_views(image, crop=crop, grid=grid))
-                        crops.run_full(batch_size, lambda v: probabilities(v, model))
+                for q, image in zip(scales, images):
+                    if dense:
+                        dense[q].add(index, dense_views(image))
+                        dense[q].run_full(batch_size, lambda v: probabilities(v, dense_scores))
+                    if crops:
+                        crops[q].add(index, multicrop_views(image, crop=crop, grid=grid))
+                        crops[q].run_full(batch_size, lambda v: probabilities(v, model))
                 bar.update(1)
-            if dense is not None:
-                dense.run_all(batch_size, lambda v: probabilities(v, dense_scores))
-            if crops is not None:
-                crops.run_all(batch_size, lambda v: probabilities(v, model))
+            for accumulator in dense.values():
+                accumulator.run_all(batch_size, lambda v: probabilities(v, dense_scores))
+            for accumulator in crops.values():
+                accumulator.run_all(batch_size, lambda v: probabilities(v, model))
     finally:
         model.train(was_training)
 
     if not keys:
         raise DataError("evaluation: no images to evaluate (the split is empty)")
-    # Every image has the same number of views at every scale, so the mean over all its views is the mean
-    # over scales of the per-scale means (multi-scale: posteriors averaged over Q, §3.2).
-    parts = [acc.mean(len(keys)) for acc in (dense, crops) if acc is not None]
-    probs = sum(parts[1:], parts[0]) / len(parts)  # dense+multi-crop: the average of the two (§3.2)
+
+    def at(q: int) -> torch.Tensor:  # float64 [N, C]; dense+multi-crop: the average of the two (§3.2)
+        parts = [accumulators[q].mean(len(keys)) for accumulators in (dense, crops) if accumulators]
+        return sum(parts[1:], parts[0]) / len(parts)
+
+    per_scale = {q: at(q) for q in dict.fromkeys(scales)}
+    probs = torch.stack([per_scale[q] for q in scales]).mean(dim=0)  # multi-scale: averaged over Q (§3.2)
     info: dict[str, Any] = {
         "config": model.name,
         "models": [model.name],
@@ -272,7 +294,8 @@ def score_samples(
         "precision": "bf16" if bf16 else "fp32",
         "num_classes": model.num_classes,
     }
-    return Posteriors(keys=keys, labels=np.asarray(labels), probs=probs.numpy(), meta={**info, **(meta or {})})
+    return Posteriors(keys=keys, labels=np.asarray(labels), probs=probs.float().numpy(), meta={**info, **(meta or {})},
+                      by_scale={q: per_scale[q].float().numpy() for q in keep_scales})
 
 
 def fuse(posteriors: Sequence[Posteriors]) -> Posteriors:
@@ -441,11 +464,17 @@ def _resolve_precision(precision: str, device: torch.device) -> bool:
 def _decoded(
     samples: Iterable[_Sample], *, scales: Sequence[int], workers: int
 ) -> Iterator[tuple[_Sample, list[torch.Tensor]]]:
-    """Each sample with its image at every Q, decoded once (JPEG draft keeps the smallest side ≥ min Q)."""
+    """Each sample with its image at every Q, as a single-scale pass at that Q decodes it (in the DCT at the
+    reduction that keeps the smallest side ≥ Q), decoding once per distinct reduction (usually once)."""
 
     def prepare(sample: _Sample) -> tuple[_Sample, list[torch.Tensor]]:
-        image = decode_rgb(sample.jpeg, min_side=min(scales))
-        return sample, [at_scale(image, q=q) for q in scales]
+        size = jpeg_size(sample.jpeg)
+        decoded: dict[int, Image.Image] = {}
+        for q in scales:
+            factor = draft_factor(size, q)
+            if factor not in decoded:
+                decoded[factor] = decode_rgb(sample.jpeg, min_side=q)
+        return sample, [at_scale(decoded[draft_factor(size, q)], q=q) for q in scales]
 
     if workers == 0:
         yield from map(prepare, samples)
@@ -489,7 +518,7 @@ class _Accumulator:
             self._run(size, batch_size, probabilities)
 
     def mean(self, count: int) -> torch.Tensor:
-        return (self.sums[:count] / self.views[:count, None]).float()
+        return self.sums[:count] / self.views[:count, None]
 
     def _run(
         self, size: tuple[int, int], batch_size: int, probabilities: Callable[[torch.Tensor], torch.Tensor]
