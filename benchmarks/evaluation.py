@@ -2,7 +2,7 @@
 
 Dense evaluation runs the whole image once through the fully-convolutional net (plus its flip); multi-crop
 runs 50 crops per scale, which overlap heavily, so the paper calls it less efficient. This script measures
-by how much, end to end through `vgg.evaluate.score_samples` (JPEG decode, rescale to Q, views, model,
+by how much, end to end through `vgg.evaluate.posteriors.score_samples` (JPEG decode, rescale to Q, views, model,
 softmax): images/s per mode and per test scale Q.
 
 Default: VGG-16 (config D) at the paper's sizes, fp32, on a few 341×256 JPEGs at Q=256 (measured on the
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from vgg.data.loader import ColourStats, Preprocess
-from vgg.evaluate import score_samples
+from vgg.evaluate.posteriors import score_samples
 from vgg.models import build
 
 

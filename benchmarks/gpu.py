@@ -62,7 +62,7 @@ from vgg.data.loader import (ALPHA_STD, Batch, Preprocess, batches_per_epoch, it
 from vgg.data.shards import ingest
 from vgg.data.synthetic import synthesize
 from vgg.data.transforms import TrainCrop, jpeg_size
-from vgg.evaluate import score_samples
+from vgg.evaluate.posteriors import score_samples
 from vgg.files import write_atomic
 from vgg.models import build
 from vgg.train import checkpoint, precision

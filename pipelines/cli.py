@@ -181,7 +181,7 @@ def fuse(
 ) -> None:
     """ConvNet fusion (§4.4): average the softmax posteriors of several models (or of dense and multi-crop)."""
     from vgg.evaluate.metrics import errors
-    from vgg.evaluate.posteriors import Posteriors, fuse as fuse_posteriors
+    from vgg.evaluate.results import Posteriors, fuse as fuse_posteriors
 
     fused = fuse_posteriors([Posteriors.load(path) for path in inputs])
     fused.save(out)

@@ -1,6 +1,8 @@
 """The library stays pure (DESIGN.md §1): no module under vgg/ imports an edge."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 EDGES = {"ray", "mlflow", "dvc", "typer", "yaml", "pipelines"}
@@ -31,3 +33,11 @@ def test_the_check_itself_catches_an_edge_import(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("import os\nfrom ray import train\nimport mlflow.pytorch\n")
     assert edge_imports(module) == ["bad.py:2 ray", "bad.py:3 mlflow.pytorch"]
+
+
+def test_reading_and_fusing_posteriors_does_not_import_torch():
+    # `vgg fuse` and `vgg report` (6 of the protocol's processes) only average and tabulate posteriors: importing
+    # torch would add ~2.5 s to each on 2 cores. A fresh interpreter, so no other test's imports count.
+    script = ("import sys, vgg.evaluate.metrics, vgg.evaluate.results, vgg.report\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=LIBRARY.parent)

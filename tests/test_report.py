@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vgg.errors import DataError
-from vgg.evaluate import Posteriors, errors, fuse
+from vgg.evaluate.metrics import errors
+from vgg.evaluate.results import Posteriors, fuse
 from vgg.report import TABLE3, TABLE4, TABLE5, TABLE6, findings, paper_cells, write_report
 
 COUNT, CLASSES = 1000, 10  # 1000 images: an error of 29.6 % is exactly 296 of them

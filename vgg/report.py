@@ -1,6 +1,6 @@
 """The paper's evaluation tables with our numbers beside the paper's, plots, and which findings we reproduce.
 
-Input: a directory of posteriors files (`.npz`, `vgg.evaluate.Posteriors`), searched recursively. Each file's
+Input: a directory of posteriors files (`.npz`, `vgg.evaluate.results.Posteriors`), searched recursively. Each file's
 meta says what it is (keys the evaluation writes; see `vgg.evaluate.posteriors`):
 - `config`: "A", "A-LRN", "B", "C", "D", "E"; a fusion's `models` lists its configurations (["D", "E"]);
 - `train_scale`: {"label", "s_min", "s_max", optional "kind": "low" | "high" | "jitter"} (`checkpoint_meta`);
@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from vgg.files import write_atomic
 from vgg.errors import DataError
 from vgg.evaluate.metrics import errors
-from vgg.evaluate.posteriors import Posteriors
+from vgg.evaluate.results import Posteriors
 
 MISSING = "—"
 KINDS = ("low", "high", "jitter")

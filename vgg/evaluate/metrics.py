@@ -16,7 +16,7 @@ import numpy as np
 from vgg.errors import DataError
 
 if TYPE_CHECKING:
-    from vgg.evaluate.posteriors import Posteriors
+    from vgg.evaluate.results import Posteriors
 
 
 def top_k_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
