@@ -27,7 +27,8 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfi
 from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.tracking import TrackedRun, flatten, git_commit, log_metrics, tracking_uri
+from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, flatten, git_commit,
+                                tracking_uri)
 from vgg.config import Profile, from_mapping
 from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches, val_batches
 from vgg.errors import CheckpointError, ConfigError, ModelError, VGGError
@@ -119,14 +120,15 @@ def check_job(job: TrainJob) -> None:
     _check_writable(job.storage, "--storage")
 
 
-def run(job: TrainJob, *, tracking: TrackedRun | None = None, progress: bool = True) -> dict[str, float]:
+def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) -> dict[str, float]:
     """Train on Ray (local, or the cluster in RAY_ADDRESS); write the final model to `job.out`; return the last
-    epoch's metrics. `tracking` receives rank 0's per-epoch metrics (logged from the driver side)."""
+    epoch's metrics. `epoch_log`: a file on this node that receives rank 0's per-epoch metrics as they come
+    (`EpochLog`; `vgg train` relays it to MLflow)."""
     check_job(job)
     connect()
     train = job.profile.train
     resources = _worker_resources(workers=train.workers, use_gpu=train.use_gpu)
-    callbacks = [MetricsCallback(tracking.uri, tracking.run_id)] if tracking is not None else []
+    callbacks = [EpochLog(str(epoch_log))] if epoch_log is not None else []
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"job": _job_to_dict(job), "progress": progress},
@@ -180,11 +182,24 @@ def train(
             "git_commit": git_commit(root), "init_source": str(init) if init else f"random ({profile.model.init})"}
     params = {**flatten(profile.to_dict()), "job.config": config, "job.scale": scale, "job.lr": str(job.lr),
               "job.init": str(init) if init else ""}
-    tracked = TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{profile.name}",
-                         run_name=f"{stage}-{config}-{scale_label}", tags=tags, params=params,
-                         resume_key=job.run_name)
+    uri = tracking_uri(root)
+    check_reachable(uri)  # a tracking server that is down fails now, not after the training
+    with tempfile.TemporaryDirectory(prefix="vgg-epochs-") as directory:
+        # Opened by the relay's thread while Ray Train starts (see MetricsRelay).
+        relay = MetricsRelay(lambda: TrackedRun(uri=uri, experiment=f"vgg-{profile.name}",
+                                                run_name=f"{stage}-{config}-{scale_label}", tags=tags, params=params,
+                                                resume_key=job.run_name),
+                             Path(directory) / "epochs.jsonl").start()
+        try:
+            metrics = run(job, epoch_log=relay.path)
+        except BaseException:
+            try:
+                relay.stop().finish("FAILED")
+            except TrackingError:
+                pass  # the training's own error is the one to report
+            raise
+        tracked = relay.stop()  # the model is at job.out already, whatever MLflow says
     try:
-        metrics = run(job, tracking=tracked)
         tracked.log_dict(profile.to_dict(), "profile.json")
         tracked.log_curves()
         tracked.register_model(job.out, name=f"vgg-{config}", tags=tags)
@@ -342,17 +357,19 @@ def _initialise_from(model: Any, job: TrainJob) -> None:
         warm_start(model, source)
 
 
-class MetricsCallback(UserCallback):
-    """Runs in Ray Train's controller (one process, whatever the number of workers): logs rank 0's per-epoch
-    metrics to the MLflow run the driver created, so a run is exactly one MLflow run."""
+class EpochLog(UserCallback):
+    """Runs in Ray Train's controller (one process, whatever the number of workers, on the driver's node): appends
+    rank 0's per-epoch metrics to a JSON-lines file, which the driver relays to its one MLflow run
+    (`pipelines.tracking.MetricsRelay`)."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, path: str) -> None:
+        self.path = path
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         epoch_metrics = metrics[0]
         if "epoch" in epoch_metrics:  # not a mid-epoch checkpoint report
-            log_metrics(self.uri, self.run_id, epoch_metrics, step=int(epoch_metrics["epoch"]))
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"step": int(epoch_metrics["epoch"]), "metrics": epoch_metrics}) + "\n")
 
 
 def _user_error(error: BaseException) -> VGGError | None:

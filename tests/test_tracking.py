@@ -1,10 +1,16 @@
 """MLflow sink against a real `mlflow server` on 127.0.0.1 (started once per session by conftest)."""
 
+import json
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import TrackedRun, TrackingError, check_reachable, flatten, metric_name, tracking_uri
+from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, flatten, metric_name,
+                                tracking_uri)
 from tests.conftest import free_port
 
 
@@ -73,3 +79,40 @@ def test_metric_names_keep_what_mlflow_allows():
     assert metric_name("val/top1_err") == "val/top1_err"
     assert metric_name("table4/D-jitter: Q 2.5") == "table4/D-jitter: Q 2.5"
     assert metric_name("dense+multicrop(1)") == "dense_multicrop_1_"
+
+
+def test_relay_opens_the_run_and_logs_every_epoch_line_written_by_another_process(mlflow_server, tmp_path):
+    path = tmp_path / "epochs.jsonl"
+
+    def open_run() -> TrackedRun:
+        return TrackedRun(uri=mlflow_server, experiment="vgg-test", run_name="relayed", tags={}, params={})
+
+    relay = MetricsRelay(open_run, path).start()
+    lines = [json.dumps({"step": epoch, "metrics": {"epoch": float(epoch), "val/top1_err": 90.0 - 10 * epoch}})
+             for epoch in (1, 2, 3)]
+    # A writer process as Ray Train's controller is: the first line alone, then the rest, the last in two halves.
+    writer = ("import sys, time\n"
+              "path, first, rest = sys.argv[1], sys.argv[2], sys.argv[3]\n"
+              "open(path, 'a').write(first + '\\n'); time.sleep(1.2)\n"
+              "with open(path, 'a') as f:\n"
+              "    f.write(rest[:len(rest) // 2]); f.flush(); time.sleep(1.2); f.write(rest[len(rest) // 2:] + '\\n')\n")
+    subprocess.run([sys.executable, "-c", writer, str(path), lines[0], "\n".join(lines[1:])], check=True)
+    run = relay.stop()
+    run.finish()
+    history = MlflowClient(tracking_uri=mlflow_server).get_metric_history(run.run_id, "val/top1_err")
+    assert [(m.step, m.value) for m in history] == [(1, 80.0), (2, 70.0), (3, 60.0)]
+
+
+def test_a_relay_whose_run_cannot_open_says_so_at_once_and_at_the_end(tmp_path, capfd):
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens
+
+    def open_run() -> TrackedRun:
+        return TrackedRun(uri=uri, experiment="vgg-test", run_name="never", tags={}, params={})
+
+    relay = MetricsRelay(open_run, tmp_path / "epochs.jsonl").start()
+    deadline = time.monotonic() + 30
+    while "warning:" not in (seen := capfd.readouterr().err) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "is not reachable" in seen and "training goes on untracked" in seen  # before the training ends
+    with pytest.raises(TrackingError, match=rf"MLflow tracking server {uri} is not reachable"):
+        relay.stop()

@@ -29,7 +29,7 @@ class Posteriors:
     probs: np.ndarray  # float32 [N, C], rows sum to 1
     meta: dict[str, Any]  # JSON-serialisable description: config, train_scale, mode, scales, models, ...
     source: str = field(default="", compare=False)  # the file it was loaded from, for error messages
-    # Q → float32 [N, C]: the posteriors of single test scales kept from a multi-scale pass (`keep_scales`); not saved.
+    # Q → float32 [N, C]: single test scales' own posteriors, kept from a multi-scale pass (`keep_scales`); not saved.
     by_scale: Mapping[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +75,9 @@ class Posteriors:
         single-scale evaluation at Q = `q` gives, without a second pass over the split."""
         if q not in self.by_scale:
             kept = ", ".join(map(str, self.by_scale)) or "none"
-            raise ConfigError(f"Q={q} px: no single-scale posteriors kept for it (kept: {kept}); pass keep_scales=[{q}]")
+            raise ConfigError(
+                f"Q={q} px: no single-scale posteriors kept for it (kept: {kept}); pass keep_scales=[{q}]"
+            )
         return Posteriors(keys=self.keys, labels=self.labels, probs=self.by_scale[q], meta={**self.meta, "scales": [q]})
 
 
