@@ -393,14 +393,14 @@ ERROR_CASES = {
 
 
 def _vgg_in_process(argv: list[str], *, cwd: Path) -> tuple[int, str, str]:
-    """`vgg ARGV` through the console script's entry point (`pipelines.cli.main`) in this process."""
+    """`vgg ARGV` through the console script's command runner (`pipelines.cli.run_command`, what `main` exits
+    with) in this process."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
         patch.chdir(cwd)
         patch.setattr(sys, "argv", ["vgg", *argv])
-        with pytest.raises(SystemExit) as exit_:  # anything else escaping main() is a traceback: the test errors
-            cli.main()
-    return exit_.value.code, stdout.getvalue(), stderr.getvalue()
+        code = cli.run_command()  # anything escaping it is a traceback: the test errors
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="module")
