@@ -281,19 +281,29 @@ def demo(
     resolved = _profile(params, None, None)
     if not Path("dvc.yaml").is_file():
         raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
+    def repro(*targets: str) -> None:
+        if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro", *targets], env=env).returncode != 0:
+            raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
+
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         # dvc's stages call `vgg`: this environment's, also when it is not activated (`.venv/bin/vgg demo`).
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if not env.get("RAY_ADDRESS"):
-            # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them.
+            from concurrent.futures import ThreadPoolExecutor
+
             from pipelines.cluster import AUTH_ENV, local_cluster
 
-            env.update(AUTH_ENV, RAY_ADDRESS=stack.enter_context(local_cluster()).address,
+            # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them. It
+            # starts (~11 s on 2 cores) while dvc makes the data, which needs no Ray.
+            cluster = local_cluster()
+            starting = stack.enter_context(ThreadPoolExecutor(max_workers=1)).submit(cluster.__enter__)
+            stack.callback(lambda: starting.exception() is None and cluster.__exit__(None, None, None))
+            repro("ingest")  # and what it depends on
+            env.update(AUTH_ENV, RAY_ADDRESS=starting.result().address,
                        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",  # one more actor per stage; no preemption here
                        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # (default 2 s) a run's end is seen ~1 s sooner
-        if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], env=env).returncode != 0:
-            raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
+        repro()
     report = Path("reports") / resolved.name / "report.md"
     typer.echo(report.read_text())
     typer.echo(f"protocol ({resolved.name} profile) up to date after {time.monotonic() - started:.0f} s")
@@ -332,11 +342,10 @@ def run_command() -> int:
 def exit_now(code: int) -> None:
     """End the process without the interpreter's teardown of torch, Ray, MLflow and the rest, which takes 1–3 s
     per command on 2 cores (the protocol runs ~30). What a normal exit does before that teardown still happens,
-    in order: other non-daemon threads are joined, the exit handlers run (Ray's shutdown, multiprocessing's
-    worker clean-up, logging's flush), the standard streams are flushed."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    in order, through the same two calls the interpreter makes: `threading._shutdown` (thread-pool workers told
+    to stop, other non-daemon threads joined), `atexit._run_exitfuncs` (Ray's shutdown, multiprocessing's worker
+    clean-up, logging's flush); then the standard streams are flushed."""
+    threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -12,10 +12,12 @@ def test_exit_now_runs_exit_handlers_and_threads_then_exits_with_the_status():
         "from pipelines.cli import exit_now\n"
         "atexit.register(lambda: print('handler ran', flush=False))\n"
         "threading.Thread(target=lambda: (time.sleep(0.5), print('thread finished', flush=False))).start()\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "ThreadPoolExecutor(1).submit(print, end='')  # an idle pool left open must not hang the exit\n"
         "sys.stdout.write('buffered, not flushed')\n"
         "exit_now(3)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3
     assert result.stdout == "buffered, not flushedthread finished\nhandler ran\n"
 
