@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import BIN, ROOT
 
-# ~14 minutes of Ray Train runs on 2 cores, part of `make test`; `PYTEST_ARGS="-m 'not protocol'"` skips it.
+# Most of `make test`'s ~18 minutes on 2 cores (Ray Train runs); `PYTEST_ARGS="-m 'not protocol'"` skips it.
 pytestmark = pytest.mark.protocol
 
 STAGES_UPSTREAM_OF_TRAINING = {"synth", "ingest"}
