@@ -281,14 +281,15 @@ def demo(
     resolved = _profile(params, None, None)
     if not Path("dvc.yaml").is_file():
         raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
-    def repro(*targets: str) -> None:
-        if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro", *targets], env=env).returncode != 0:
-            raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
-
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         # dvc's stages call `vgg`: this environment's, also when it is not activated (`.venv/bin/vgg demo`).
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+        def repro(*targets: str) -> None:
+            if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro", *targets], env=env).returncode:
+                raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
+
         if not env.get("RAY_ADDRESS"):
             from concurrent.futures import ThreadPoolExecutor
 
