@@ -364,12 +364,14 @@ def _decoded(
 
     def prepare(sample: _Sample) -> tuple[_Sample, list[torch.Tensor]]:
         size = jpeg_size(sample.jpeg)
-        decoded: dict[int, Image.Image] = {}
+        decoded: dict[int, Image.Image] = {}  # DCT reduction → image decoded at it
+        images = []
         for q in scales:
             factor = draft_factor(size, q)
             if factor not in decoded:
                 decoded[factor] = decode_rgb(sample.jpeg, min_side=q)
-        return sample, [at_scale(decoded[draft_factor(size, q)], q=q) for q in scales]
+            images.append(at_scale(decoded[factor], q=q))
+        return sample, images
 
     if workers == 0:
         yield from map(prepare, samples)
