@@ -125,13 +125,14 @@ def test_rescale_is_torchvision_bicubic_resize(size):
         assert ours.size == reference.size == scaled_size(size, side) and min(ours.size) == side
         assert np.array_equal(np.asarray(ours), np.asarray(reference))
         # The training path's resampler (torch's antialiased bicubic) over a whole square window agrees within
-        # 2 levels; the last 3 px of a window that stops inside the image see no neighbours beyond it.
+        # 2 levels (it resamples rows first, PIL columns first: each rounds to uint8 between its passes); the
+        # last 3 px of a window that stops inside the image see no neighbours beyond it.
         chw = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         side_px = min(ours.size)
         whole = crop_window(chw, side=side, left=0, top=0, crop=side_px, flip=False).int()
         expected = torch.from_numpy(np.asarray(ours).copy()).permute(2, 0, 1)[:, :side_px, :side_px].int()
         error = (whole - expected).abs()[:, :-3, :-3]
-        assert error.max() <= 2 and error.float().mean() < 0.1
+        assert error.max() <= 2 and error.float().mean() < 0.15
 
 
 @pytest.mark.parametrize("size,scale,crop", [((500, 375), (256, 256), 224), ((96, 72), (40, 72), 32),
