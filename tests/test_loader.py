@@ -210,16 +210,19 @@ def test_val_batches_cover_every_sample_once(shards):
 
 
 def test_forked_workers_inherit_the_jpeg_decoder(shards):
-    # Each epoch forks new loader workers: a decoder loaded only inside them would cost every epoch an import of
-    # torchvision (~2.5 s on 2 cores). The loader loads it in its own process first (here, a fresh interpreter).
+    # Each epoch forks new loader workers: a decoder loaded only inside them would cost every epoch a load of it
+    # (torchvision's import: ~2.5 s on 2 cores). The loader loads it in its own process first (here, a fresh
+    # interpreter): libturbojpeg, or torchvision where libturbojpeg is missing.
     script = (
         "import sys\n"
         "from vgg.config import ScaleRange\n"
+        "from vgg.data import turbojpeg\n"
         "from vgg.data.loader import train_batches\n"
-        "assert 'torchvision' not in sys.modules\n"
+        "assert 'torchvision' not in sys.modules and turbojpeg.decoder.cache_info().currsize == 0\n"
         f"batches = train_batches({str(shards)!r}, scale=ScaleRange(40, 56), crop=32, batch_size=4, rank=0, "
         "world_size=1, workers=1, epoch=0, seed=0)\n"
-        "assert 'torchvision' in sys.modules\n"
+        "assert turbojpeg.decoder.cache_info().currsize == 1\n"
+        "assert ('torchvision' in sys.modules) == (turbojpeg.decoder() is None)\n"
         "assert len(list(batches)) == 12\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1])

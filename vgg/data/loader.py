@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vgg.config import ScaleRange
 from vgg.data.gpu_decode import DeviceTrainCrop
-from vgg.data.transforms import CentreCrop, TrainCrop, jpeg_decoder
+from vgg.data.transforms import CentreCrop, TrainCrop, preload_decoder
 from vgg.errors import ConfigError, DataError
 
 INDEX_FILE = "index.json"
@@ -395,7 +395,7 @@ class Batches:
     ) -> None:
         self._finish = finish  # turns what the workers yield into a Batch in this process (the device decode)
         if workers > 0 and finish is None:
-            jpeg_decoder()  # loaded once here, inherited by every epoch's forked workers
+            preload_decoder()  # loaded once here, inherited by every epoch's forked workers
         self._loader = DataLoader(
             dataset,
             batch_size=None,  # workers build whole batches

@@ -124,11 +124,17 @@ _READ_RGB = 3  # torchvision.io.ImageReadMode.RGB.value
 @functools.cache
 def jpeg_decoder():
     """torchvision's decode_jpeg op, loaded on first use: `import torchvision` (which registers torch.ops.image)
-    costs ~2.5 s here, paid by every `vgg` process that imports this module but may never decode at full size.
-    Loaders call it before forking their worker processes, which then inherit it rather than each importing
-    torchvision again (one import per epoch's workers otherwise)."""
+    costs ~2.5 s here, paid by every `vgg` process that imports this module but may never decode at full size."""
     importlib.import_module("torchvision")
     return torch.ops.image.decode_jpeg
+
+
+def preload_decoder() -> None:
+    """Load the decoder that `decode_box` will use in this process. Loaders call it before forking their worker
+    processes, which then inherit it rather than each loading it again, once per epoch's workers: libturbojpeg,
+    or where it is missing torchvision (whose import costs ~2.5 s here)."""
+    if turbojpeg.decoder() is None:
+        jpeg_decoder()
 
 
 def decoded_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:

@@ -3,7 +3,8 @@
 Training uses one crop window of each image, and at S = 256 that window is ~60% of a 500×375 image, at S = 512
 ~20%: libjpeg-turbo then skips the inverse DCT, upsampling and colour conversion of the rows above and below the
 box and of the columns (whole iMCUs, 8–32 px) left and right of it (only the entropy decoding of the skipped rows
-remains), ~15% of a full decode at S = 256 and ~45% at S = 512 here. PIL and torchvision expose no cropped decode.
+remains), which saves ~15% of a full decode's time at S = 256 and ~45% at S = 512 here. PIL and torchvision
+expose no cropped decode.
 
 The library comes from the pinned `turbojpeg` wheel (Linux x86_64: it bundles libturbojpeg 3.0; its Python module,
 which has no cropped decode, is not used) or the system's libturbojpeg ≥ 3.0. Where neither exists `decoder()` is
@@ -12,7 +13,7 @@ None and callers decode the whole image (`vgg.data.transforms.decode_box`).
 Pixels: a box decodes to exactly the pixels of a full decode (same libjpeg-turbo, same scaled IDCT as PIL's
 draft mode for 1/2, 1/4, 1/8), once the box's left and right edges are not the decoded region's: there libjpeg-
 turbo's chroma upsampling lacks its neighbour column, so the region extends ≥ 1 px past the box where the image
-does (tested against PIL's full decode).
+does, and is ≥ 16 px wide (tested against PIL's full decode).
 """
 
 from __future__ import annotations
