@@ -127,33 +127,43 @@ def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) 
     check_job(job)
     connect()
     train = job.profile.train
-    resources = _worker_resources(workers=train.workers, use_gpu=train.use_gpu)
-    callbacks = [EpochLog(str(epoch_log))] if epoch_log is not None else []
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"job": _job_to_dict(job), "progress": progress},
-        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=job.run_name,
-            storage_path=str(job.storage.resolve()),
-            failure_config=FailureConfig(max_failures=job.max_failures),  # restart from the last checkpoint
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-            # Ray Train's per-report INFO lines drown the progress bars; its log files under the session keep them.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as error:  # Ray wraps worker errors; surface a user error as its own one line
-        raise _user_error(error) or error
+    result = fit_trainer(job, name=job.run_name, checkpoints=2, progress=progress,
+                         resources=_worker_resources(workers=train.workers, use_gpu=train.use_gpu),
+                         callbacks=[EpochLog(str(epoch_log))] if epoch_log is not None else [])
     if result.checkpoint is None:
         raise ClusterError(f"training run {job.run_name} ended without a checkpoint; see the Ray logs above")
     with result.checkpoint.as_directory() as directory:
         payload = checkpoint.load(Path(directory) / CHECKPOINT_FILE, expect_config=job.config)
     checkpoint.save(job.out, checkpoint.final(payload))
     return dict(payload["train"]["history"][-1]) if payload["train"]["history"] else {}
+
+
+def fit_trainer(
+    job: TrainJob, *, name: str, checkpoints: int, progress: bool, resources: dict[str, float], callbacks: list
+) -> ray.train.Result:
+    """Run one Ray Train run of `job` named `name` under `job.storage` (`run`'s, and each Tune trial's): its
+    workers call `_train_worker`; a failed worker group restarts from the last of `checkpoints` kept checkpoints,
+    up to `job.max_failures` times. A user error raised on a worker comes back as its own one line."""
+    train = job.profile.train
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": _job_to_dict(job), "progress": progress},
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(job.storage.resolve()),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints),
+            callbacks=callbacks,
+            # Ray Train's per-report INFO lines drown the progress bars; its log files under the session keep them.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception as error:  # Ray wraps worker errors
+        raise _user_error(error) or error
 
 
 def train(

@@ -22,14 +22,12 @@ import numpy as np
 import ray
 import ray.tune
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines.ray_train import (ClusterError, TrainJob, _job_from_dict, _job_to_dict, _train_worker, _user_error,
-                                 check_job, connect)
+from pipelines.ray_train import (ClusterError, TrainJob, _job_from_dict, _job_to_dict, _user_error, check_job,
+                                 connect, fit_trainer)
 from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
 from vgg.config import Profile, ScaleRange
 from vgg.errors import ConfigError
@@ -277,27 +275,9 @@ def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: in
                               s_max=trial_config["s_max"], max_epochs=max_epochs),
         out=job.storage / run_name / "model.pt",  # not written: a trial's model stays in its Ray checkpoints
     )
-    train = job.profile.train
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"job": _job_to_dict(job), "progress": False},
-        scaling_config=ScalingConfig(
-            num_workers=train.workers, use_gpu=train.use_gpu,
-            resources_per_worker=GPU_WORKER_RESOURCES if train.use_gpu else CPU_WORKER_RESOURCES,
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(job.storage),
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],  # rank 0's per-epoch metrics become this trial's Tune results
-            logging_config=LoggingConfig(log_level="WARNING"),  # as `run`: no per-report INFO lines
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as error:  # a worker's user error becomes the trial's error, as one line
-        raise _user_error(error) or error
+    # Rank 0's per-epoch metrics become this trial's Tune results; a worker's user error, the trial's error.
+    fit_trainer(job, name=run_name, checkpoints=1, progress=False, callbacks=[TuneReportCallback()],
+                resources=GPU_WORKER_RESOURCES if job.profile.train.use_gpu else CPU_WORKER_RESOURCES)
 
 
 def _check_capacity(profile: Profile) -> None:
