@@ -153,7 +153,7 @@ def evaluate(
     if scales in ("single", "multi"):
         if torchvision:
             raise ConfigError("--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
-        scale = ScaleRange(**checkpoint.load(model)["scale"])
+        scale = ScaleRange(**checkpoint.read_header(model)["scale"])
         q = [scale.single_q] if scales == "single" else list(scale.multi_q(resolved.eval.q_offset))
     else:
         try:

@@ -9,6 +9,7 @@ input starts afresh. The final model file is written by this driver, atomically,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -72,7 +73,7 @@ class TrainJob:
                 digest.update(_file_sha256(path).encode())
         return digest.hexdigest()[:12]
 
-    @property
+    @functools.cached_property  # hashes the init checkpoint (up to ~1 GB at paper size): once per job
     def run_name(self) -> str:
         return f"{self.profile.name}-{self.config}-{self.profile.scale(self.scale).label()}-{self.fingerprint()}"
 
@@ -420,7 +421,7 @@ def _job_from_dict(data: dict[str, Any]) -> TrainJob:
 
 
 def _checkpoint_config(path: Path) -> str:
-    return str(checkpoint.load(path)["config"])
+    return str(checkpoint.read_header(path)["config"])
 
 
 def _file_sha256(path: Path) -> str:

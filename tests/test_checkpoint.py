@@ -46,6 +46,21 @@ def test_round_trip_with_weights_only(tmp_path: Path) -> None:
     assert "train" not in checkpoint.final(loaded) and "model" in checkpoint.final(loaded)
 
 
+def test_read_header_is_the_header_and_maps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.pt"
+    payload = _payload(size=1 << 20)
+    checkpoint.save(path, payload)
+    expected = checkpoint.header(config="A", profile=PROFILE, scale=PROFILE.scales.low)
+    assert checkpoint.read_header(path) == expected
+    # The weights it does not return are not read: memory-mapped (Linux lists the mapping), the file's bytes on
+    # demand.
+    mapped = checkpoint.load(path, mmap=True)["model"]["features.0.weight"]
+    assert str(path) in Path("/proc/self/maps").read_text()
+    assert torch.equal(mapped, payload["model"]["features.0.weight"])
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        checkpoint.read_header(tmp_path / "nope.pt")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint at .*nope.pt"):
         checkpoint.load(tmp_path / "nope.pt")

@@ -62,7 +62,7 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The meta entries a checkpoint determines: `config` and `train_scale` (with its kind, found by matching
     the checkpoint's S against the scales of the profile it was trained with). Pass as `meta=` to
     `compute_posteriors`, so the report can place the result."""
-    payload = checkpoint.load(path)
+    payload = checkpoint.read_header(path)
     scale = ScaleRange(**payload["scale"])
     profile_scales = payload.get("profile", {}).get("scales", {})
     kinds = [kind for kind, entry in profile_scales.items() if ScaleRange(**entry) == scale]

@@ -41,6 +41,16 @@ def header(*, config: str, profile: Profile, scale: ScaleRange) -> dict[str, Any
     }
 
 
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's `header` fields, checked as `load` checks the file, without reading its weights (a VGG-16
+    checkpoint is 0.5–1 GB; the header a few KB): for the callers that need only its configuration or S."""
+    payload = load(path, mmap=True)
+    return {key: payload[key] for key in _HEADER_KEYS}
+
+
+_HEADER_KEYS = ("format", "config", "model_config", "scale", "profile")  # what `header` writes
+
+
 def final(payload: Mapping[str, Any]) -> dict[str, Any]:
     """A final model file: the payload without its resume state ("train")."""
     return {key: value for key, value in payload.items() if key != "train"}
@@ -95,15 +105,17 @@ def load(
     *,
     expect_config: str | None = None,
     map_location: str | torch.device = "cpu",
+    mmap: bool = False,
 ) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True` and check it is ours (and of `expect_config`, when given)."""
+    """Read a checkpoint with `weights_only=True` and check it is ours (and of `expect_config`, when given).
+    `mmap`: map the file instead of reading it; a tensor's bytes are read when it is used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"no checkpoint at {path}; check the path or train one first (`vgg train ... --out {path}`)"
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
         # torch's own messages run to a page; the user needs the file and what to do.
         if "Unsupported global" in str(error):
