@@ -61,7 +61,7 @@ def test_every_box_is_the_same_pixels_as_the_whole_decode(decoder, options):
         boxes.append((whole.shape[2] - 1, whole.shape[1] - 1, 1, 1))
         factor = draft_factor((width, height), min_side)
         for left, top, box_width, box_height in boxes:
-            pixels = decoder.decode(data, factor=factor, box=(left, top, box_width, box_height))
+            pixels = decoder.decode(data, size=(width, height), factor=factor, box=(left, top, box_width, box_height))
             expected = whole[:, top : top + box_height, left : left + box_width]
             assert torch.equal(pixels, expected), (width, height, factor, (left, top, box_width, box_height))
 
@@ -70,7 +70,7 @@ def test_crops_equal_those_of_the_whole_image_decode(decoder, monkeypatch):
     jpegs = [encode(photo(*size, seed)) for seed, size in enumerate([(500, 375), (375, 500), (130, 97), (600, 241)])]
     jpegs.append(encode(photo(300, 200, 9).convert("CMYK")))
     with pytest.raises(DataError):  # libturbojpeg cannot make RGB of CMYK: decode_box falls back to torchvision
-        decoder.decode(jpegs[-1], factor=1, box=(0, 0, 300, 200))
+        decoder.decode(jpegs[-1], size=(300, 200), factor=1, box=(0, 0, 300, 200))
     crops = [(TrainCrop(scale=ScaleRange(96, 256), crop=96), seed) for seed in range(12)]
 
     def run() -> list[torch.Tensor]:
@@ -87,9 +87,9 @@ def test_crops_equal_those_of_the_whole_image_decode(decoder, monkeypatch):
 def test_a_box_outside_the_image_is_refused(decoder):
     data = encode(photo(64, 48, 0))
     with pytest.raises(ValueError, match="not inside the 64×48 image"):
-        decoder.decode(data, factor=1, box=(10, 0, 60, 10))
+        decoder.decode(data, size=(64, 48), factor=1, box=(10, 0, 60, 10))
     with pytest.raises(ValueError, match="not inside the 32×24 image decoded at 1/2"):
-        decoder.decode(data, factor=2, box=(0, 0, 33, 10))
+        decoder.decode(data, size=(64, 48), factor=2, box=(0, 0, 33, 10))
 
 
 def test_bad_jpegs_are_one_line(decoder):
@@ -99,3 +99,13 @@ def test_bad_jpegs_are_one_line(decoder):
         with pytest.raises(DataError, match=reason) as error:
             decode_box(bad, min_side=32, box=(0, 0, 32, 32))
         assert "\n" not in str(error.value) and "re-run `vgg ingest`" in str(error.value)
+
+
+def test_a_failed_decode_leaves_the_next_image_intact(decoder):
+    # libturbojpeg 3.0 keeps state from a failed decode: the next header could report the failed image's size.
+    small, big = encode(photo(64, 48, 0)), encode(photo(500, 375, 1))
+    whole = torch.from_numpy(np.array(decode_rgb(big, min_side=None))).permute(2, 0, 1)
+    for bad in (small[: small.index(b"\xff\xc0") + 20], b"\xff\xd8" + b"\x00" * 200):
+        with pytest.raises(DataError, match="cannot decode JPEG"):
+            decoder.decode(bad, size=(64, 48), factor=1, box=(0, 0, 64, 48))
+        assert torch.equal(decoder.decode(big, size=(500, 375), factor=1, box=(0, 0, 500, 375)), whole)

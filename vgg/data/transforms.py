@@ -151,7 +151,8 @@ def decode_box(jpeg: bytes, *, min_side: int, box: tuple[int, int, int, int]) ->
     box_decoder = turbojpeg.decoder()
     if box_decoder is not None:
         try:
-            return box_decoder.decode(jpeg, factor=draft_factor(jpeg_size(jpeg), min_side), box=box)
+            size = jpeg_size(jpeg)
+            return box_decoder.decode(jpeg, size=size, factor=draft_factor(size, min_side), box=box)
         except DataError:  # e.g. CMYK, which libturbojpeg cannot turn into RGB: torchvision can, or says why not
             pass
     left, top, width, height = box

@@ -66,6 +66,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     handle, buffer, size = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
     library.tj3Init.restype, library.tj3Init.argtypes = handle, [ctypes.c_int]
+    library.tj3Destroy.restype, library.tj3Destroy.argtypes = None, [handle]
     library.tj3DecompressHeader.argtypes = [handle, buffer, size]
     library.tj3Get.argtypes = [handle, ctypes.c_int]
     library.tj3SetScalingFactor.argtypes = [handle, _Scaling]
@@ -76,30 +77,46 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+class _Handle:
+    """A TurboJPEG decompressor, destroyed with its owner (a thread's local data)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
+        self.handle = library.tj3Init(_DECOMPRESS)
+        if not self.handle:
+            raise MemoryError("TurboJPEG could not allocate a decompressor")
+
+    def __del__(self) -> None:
+        self._library.tj3Destroy(self.handle)
+
+
 class BoxDecoder:
-    """`decode(jpeg, factor=f, box=(left, top, width, height))` → uint8 [3, height, width] (channels-last strides):
-    that box of the image decoded at 1/f size (f = 1, 2, 4 or 8; the box in the reduced image's px). One
-    TurboJPEG handle per thread (a handle is not thread-safe)."""
+    """`decode(jpeg, size=(w, h), factor=f, box=(left, top, width, height))` → uint8 [3, height, width] (channels-
+    last strides): that box of the image decoded at 1/f size (f = 1, 2, 4 or 8; the box in the reduced image's
+    px). `size` is the JPEG's own, from its frame header (`vgg.data.transforms.jpeg_size`): libturbojpeg 3.0 can
+    return success on a header it could not parse and report the previous image's size, so the two must agree.
+    One TurboJPEG handle per thread (a handle is not thread-safe), replaced after any failure."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._library = library
         self._local = threading.local()
 
     def _handle(self) -> int:
-        handle = getattr(self._local, "handle", None)
-        if handle is None:
-            handle = self._local.handle = self._library.tj3Init(_DECOMPRESS)
-            if not handle:
-                raise MemoryError("TurboJPEG could not allocate a decompressor")
-        return handle
+        owner = getattr(self._local, "handle", None)
+        if owner is None:
+            owner = self._local.handle = _Handle(self._library)
+        return owner.handle
 
-    def decode(self, jpeg: bytes, *, factor: int, box: tuple[int, int, int, int]) -> torch.Tensor:
+    def decode(
+        self, jpeg: bytes, *, size: tuple[int, int], factor: int, box: tuple[int, int, int, int]
+    ) -> torch.Tensor:
         library, handle = self._library, self._handle()
         if library.tj3DecompressHeader(handle, jpeg, len(jpeg)) != 0:
             self._fail(handle)
+        if (library.tj3Get(handle, _JPEG_WIDTH), library.tj3Get(handle, _JPEG_HEIGHT)) != size:
+            self._fail(handle, "libturbojpeg could not read its frame header")
         subsampling = library.tj3Get(handle, _SUBSAMP)
-        width = -(-library.tj3Get(handle, _JPEG_WIDTH) // factor)  # libjpeg rounds scaled sizes up
-        height = -(-library.tj3Get(handle, _JPEG_HEIGHT) // factor)
+        width, height = -(-size[0] // factor), -(-size[1] // factor)  # libjpeg rounds scaled sizes up
         left, top, box_width, box_height = box
         if not (0 <= left and 0 <= top and 0 < box_width <= width - left and 0 < box_height <= height - top):
             raise ValueError(f"box {box} is not inside the {width}×{height} image decoded at 1/{factor}")
@@ -117,10 +134,12 @@ class BoxDecoder:
         if library.tj3Decompress8(handle, jpeg, len(jpeg), pixels.data_ptr(), region.w * 3, _PF_RGB) != 0:
             if library.tj3GetErrorCode(handle) == _FATAL:
                 self._fail(handle)
+            self._local.handle = None  # a warning: the image is decoded, the handle's state is not to be trusted
         return pixels[:, left - x : left - x + box_width].permute(2, 0, 1)
 
-    def _fail(self, handle: int) -> NoReturn:
-        reason = self._library.tj3GetErrorStr(handle).decode(errors="replace")
+    def _fail(self, handle: int, reason: str | None = None) -> NoReturn:
+        reason = reason or self._library.tj3GetErrorStr(handle).decode(errors="replace")
+        self._local.handle = None  # a fresh handle for the next image
         raise DataError(f"cannot decode JPEG: {reason}; re-run `vgg ingest` on the source")
 
 
