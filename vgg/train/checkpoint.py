@@ -45,7 +45,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A checkpoint's `header` fields, checked as `load` checks the file, without reading its weights (a VGG-16
     checkpoint is 0.5–1 GB; the header a few KB): for the callers that need only its configuration or S."""
     payload = load(path, mmap=True)
-    return {key: payload[key] for key in _HEADER_KEYS}
+    return {key: payload[key] for key in _HEADER_KEYS if key in payload}
 
 
 _HEADER_KEYS = ("format", "config", "model_config", "scale", "profile")  # what `header` writes
