@@ -14,7 +14,8 @@ from PIL import Image
 
 from vgg.config import ScaleRange
 from vgg.data import transforms, turbojpeg
-from vgg.data.transforms import CentreCrop, TrainCrop, decode_box, decode_rgb, decoded_size, draft_factor
+from vgg.data.transforms import (CentreCrop, TrainCrop, decode_box, decode_rgb, decoded_size, draft_factor,
+                                 jpeg_size)
 from vgg.errors import DataError
 
 
@@ -97,7 +98,7 @@ def test_bad_jpegs_are_one_line(decoder):
     for bad, reason in ((b"\xff\xd8" + b"\x00" * 200, "corrupt JPEG: no frame header"),
                         (data[: data.index(b"\xff\xc0") + 20], "cannot decode JPEG")):  # ends after the frame header
         with pytest.raises(DataError, match=reason) as error:
-            decode_box(bad, min_side=32, box=(0, 0, 32, 32))
+            decode_box(bad, size=jpeg_size(bad), min_side=32, box=(0, 0, 32, 32))
         assert "\n" not in str(error.value) and "re-run `vgg ingest`" in str(error.value)
 
 

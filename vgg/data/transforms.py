@@ -25,6 +25,7 @@ import importlib
 import io
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,14 +145,14 @@ def decoded_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
     return -(-size[0] // factor), -(-size[1] // factor)
 
 
-def decode_box(jpeg: bytes, *, min_side: int, box: tuple[int, int, int, int]) -> torch.Tensor:
+def decode_box(jpeg: bytes, *, size: tuple[int, int], min_side: int, box: tuple[int, int, int, int]) -> torch.Tensor:
     """The box (left, top, width, height in px of the decoded image) of `decode_chw(jpeg, min_side=min_side)`, as
-    uint8 [3, height, width] with channels-last strides. Only the box is decoded where libturbojpeg ≥ 3.0 is
-    installed (`vgg.data.turbojpeg`: the same pixels); elsewhere the whole image, then sliced."""
+    uint8 [3, height, width] with channels-last strides; `size` is the JPEG's (`jpeg_size`). Only the box is
+    decoded where libturbojpeg ≥ 3.0 is installed (`vgg.data.turbojpeg`: the same pixels); elsewhere the whole
+    image, then sliced."""
     box_decoder = turbojpeg.decoder()
     if box_decoder is not None:
         try:
-            size = jpeg_size(jpeg)
             return box_decoder.decode(jpeg, size=size, factor=draft_factor(size, min_side), box=box)
         except DataError:  # e.g. CMYK, which libturbojpeg cannot turn into RGB: torchvision can, or says why not
             pass
@@ -215,6 +216,18 @@ def crop_window(image: torch.Tensor, *, side: int, left: int, top: int, crop: in
     return resample(image[:, y : y + height, x : x + width], window, crop=crop, flip=flip)
 
 
+def _window_crop(
+    jpeg: bytes, *, side: int, crop: int, flip: bool, place: Callable[[int, int], tuple[int, int]]
+) -> torch.Tensor:
+    """The crop × crop window of `jpeg` rescaled to smallest side `side`, at the (left, top) that `place` gives for
+    the rescaled image's (width, height), mirrored when `flip`; decoded no further than the window needs."""
+    size = jpeg_size(jpeg)
+    decoded = decoded_size(size, side)
+    left, top = place(*scaled_size(decoded, side))
+    window = window_of(decoded, side=side, left=left, top=top, crop=crop, flip=flip)
+    return resample(decode_box(jpeg, size=size, min_side=side, box=window.box), window, crop=crop, flip=flip)
+
+
 @dataclass(frozen=True)
 class TrainCrop:
     """The training augmentation of §3.1 for one image: S ~ U[s_min, s_max] (integers, inclusive; fixed S when
@@ -236,13 +249,10 @@ class TrainCrop:
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> torch.Tensor:
         u_side, u_left, u_top, u_flip = rng.random(4).tolist()  # Python floats: cheaper arithmetic than numpy's
         side = self.scale.s_min + int(u_side * (self.scale.s_max - self.scale.s_min + 1))
-        size = decoded_size(jpeg_size(jpeg), side)
-        width, height = scaled_size(size, side)
-        left = int(u_left * (width - self.crop + 1))
-        top = int(u_top * (height - self.crop + 1))
-        flip = u_flip < 0.5
-        window = window_of(size, side=side, left=left, top=top, crop=self.crop, flip=flip)
-        return resample(decode_box(jpeg, min_side=side, box=window.box), window, crop=self.crop, flip=flip)
+        crop = self.crop
+        return _window_crop(jpeg, side=side, crop=crop, flip=u_flip < 0.5,
+                            place=lambda width, height: (int(u_left * (width - crop + 1)),
+                                                         int(u_top * (height - crop + 1))))
 
 
 @dataclass(frozen=True)
@@ -258,8 +268,6 @@ class CentreCrop:
             raise ConfigError(f"crop: must be in 1..Q={self.q} px to fit the rescaled image, got {self.crop}")
 
     def __call__(self, jpeg: bytes) -> torch.Tensor:
-        size = decoded_size(jpeg_size(jpeg), self.q)
-        width, height = scaled_size(size, self.q)
-        left, top = (width - self.crop) // 2, (height - self.crop) // 2
-        window = window_of(size, side=self.q, left=left, top=top, crop=self.crop, flip=False)
-        return resample(decode_box(jpeg, min_side=self.q, box=window.box), window, crop=self.crop, flip=False)
+        crop = self.crop
+        return _window_crop(jpeg, side=self.q, crop=crop, flip=False,
+                            place=lambda width, height: ((width - crop) // 2, (height - crop) // 2))
