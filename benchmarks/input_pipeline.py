@@ -71,7 +71,7 @@ class Setup:
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (453, 340))  # Flickr's 500 px long side
 PROFILES = {
     # ImageNet's typical sizes (mean ≈ 400×350, ~110 KB) at the paper's three training scales (§3.1): the crop
-    # window is ~60% of the image at S = 256, ~35% at S = 384 and 20–60% at S ~ U[256, 512].
+    # window is ~60% of the image at S = 256, ~25% at S = 384 and 15–60% at S ~ U[256, 512].
     "paper": Setup(IMAGENET_SIZES, ScaleRange(256, 256), 224, 960, 32, 64),
     "paper-s384": Setup(IMAGENET_SIZES, ScaleRange(384, 384), 224, 960, 32, 64),
     "paper-s256-512": Setup(IMAGENET_SIZES, ScaleRange(256, 512), 224, 960, 32, 64),

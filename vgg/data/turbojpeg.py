@@ -1,7 +1,7 @@
 """Decode only a box of a JPEG: libjpeg-turbo's TurboJPEG 3 API (`tj3SetCroppingRegion`), through ctypes.
 
 Training uses one crop window of each image, and at S = 256 that window is ~60% of a 500×375 image, at S = 512
-~20%: libjpeg-turbo then skips the inverse DCT, upsampling and colour conversion of the rows above and below the
+~15%: libjpeg-turbo then skips the inverse DCT, upsampling and colour conversion of the rows above and below the
 box and of the columns (whole iMCUs, 8–32 px) left and right of it (only the entropy decoding of the skipped rows
 remains), which saves ~15% of a full decode's time at S = 256 and ~45% at S = 512 here. PIL and torchvision
 expose no cropped decode.
