@@ -21,8 +21,10 @@ from PIL import Image
 
 from vgg.config import ScaleRange
 from vgg.data.loader import (
+    _POOL,
     ALPHA_STD,
     Batch,
+    Batches,
     ColourStats,
     Preprocess,
     batches_per_epoch,
@@ -31,6 +33,7 @@ from vgg.data.loader import (
     read_stats,
     train_batches,
     val_batches,
+    _Leased,
 )
 from vgg.data.transforms import CentreCrop
 from vgg.errors import ConfigError, DataError
@@ -207,6 +210,38 @@ def test_val_batches_cover_every_sample_once(shards):
         assert torch.count_nonzero(batch.colour) == 0
         for image, label in zip(batch.images, batch.labels):
             assert torch.equal(image, expected[int(label)])
+
+
+def test_workers_refill_an_image_buffer_only_once_nothing_views_it(shards):
+    # Workers build batches in pooled shared-memory buffers (12 batches, 2 workers, a pool of 4 each) and refill one
+    # only after the consuming process has given it back. What every consumer sees: the batches as a consumer that
+    # copies each one on arrival sees them, whether it drops each batch at once, keeps every batch (the pools run
+    # out: one-off buffers), or keeps every other one.
+    def copied(batch: Batch) -> Batch:
+        return Batch(*(tensor.clone() for tensor in batch))
+
+    arrived = [copied(batch) for batch in epoch_iter(shards)]
+    kept = list(epoch_iter(shards))
+    every_other = [batch if i % 2 else copied(batch) for i, batch in enumerate(epoch_iter(shards))]
+    for consumer in (kept, every_other):
+        for a, b in zip(arrived, consumer, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(arrived) == 12
+
+    # The workers' side: what they ship names the pooled slot; slots given back are refilled.
+    batches = epoch_iter(shards)
+    shipped = []
+    for item in batches._loader:
+        assert isinstance(item, _Leased) and 0 <= item.slot < _POOL
+        shipped.append(((item.worker, item.slot), copied(item.batch)))
+        batches._buffers.give_back(item)
+    assert len({slot for slot, _ in shipped}) < len(shipped)
+    for a, (_, b) in zip(arrived, shipped, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def epoch_iter(shards: Path) -> Batches:
+    return train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=2, epoch=3, seed=7)
 
 
 def test_forked_workers_inherit_the_jpeg_decoder(shards):

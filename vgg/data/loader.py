@@ -47,6 +47,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTu
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vgg.config import ScaleRange
@@ -391,8 +392,10 @@ class Batches:
         *,
         workers: int,
         length: int,
+        buffers: _BatchBuffers,
         finish: Callable[[RawBatch], Batch] | None = None,
     ) -> None:
+        self._buffers = buffers  # where the workers build batches' images; slots are given back here
         self._finish = finish  # turns what the workers yield into a Batch in this process (the device decode)
         if workers > 0 and finish is None:
             preload_decoder()  # loaded once here, inherited by every epoch's forked workers
@@ -411,13 +414,32 @@ class Batches:
     def __iter__(self) -> Iterator[Batch]:
         batches = iter(self._loader)
         try:
-            yield from batches if self._finish is None else _ahead(map(self._finish, batches), depth=2)
+            if self._finish is None:
+                yield from self._handing_back(batches)
+            else:
+                yield from _ahead(map(self._finish, batches), depth=2)
             return
         except DataError as error:  # from a worker: "Caught DataError in ...\n<traceback>\nvgg.errors.DataError: msg"
             message = str(error).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
             error.__traceback__ = None  # torch's re-raise leaves a reference cycle through it; break it
         del batches  # stop the workers now, not when a garbage collection finds the cycle
         raise DataError(message)
+
+    def _handing_back(self, items: Iterator[Batch | _Leased]) -> Iterator[Batch]:
+        """The workers' batches; each leased buffer goes back to its worker once no tensor views it any more (a
+        pinned copy's at once: the copy is complete when it arrives)."""
+        held: list[tuple[StorageWeakRef, _Leased]] = []
+        for item in items:
+            for entry in [entry for entry in held if entry[0].expired()]:
+                held.remove(entry)
+                self._buffers.give_back(entry[1])
+            if isinstance(item, _Leased):
+                if self._loader.pin_memory:
+                    self._buffers.give_back(item)
+                else:
+                    held.append((StorageWeakRef(item.batch.images.untyped_storage()), item._replace(batch=None)))
+                item = item.batch
+            yield item
 
 
 def _ahead(items: Iterator[Any], *, depth: int) -> Iterator[Any]:
@@ -485,6 +507,7 @@ def train_batches(
     if decode_device is not None:
         finish = partial(_decode_on, transform=DeviceTrainCrop(scale=scale, crop=crop), device=decode_device)
 
+    buffers = _BatchBuffers(workers=workers, images=(batch_size, crop, crop, 3))
     index = read_index(shards_dir)
     batches = batches_per_epoch(index, batch_size=batch_size, world_size=world_size)
     if not 0 <= start_batch <= batches:
@@ -506,8 +529,9 @@ def train_batches(
         rank=rank,
         start_batch=start_batch,
         decode=decode_device is None,
+        buffers=buffers,
     )
-    return Batches(dataset, workers=workers, length=batches - start_batch, finish=finish)
+    return Batches(dataset, workers=workers, length=batches - start_batch, buffers=buffers, finish=finish)
 
 
 def val_batches(
@@ -529,6 +553,7 @@ def val_batches(
     """
     _check_layout(batch_size=batch_size, rank=rank, world_size=world_size, workers=workers)
     transform = CentreCrop(q=q, crop=crop)
+    buffers = _BatchBuffers(workers=workers, images=(batch_size, crop, crop, 3))
     index = read_index(shards_dir)
     split = index.split("val")
     first, last = rank * split.count // world_size, (rank + 1) * split.count // world_size
@@ -540,8 +565,9 @@ def val_batches(
         transform=transform,
         batch_size=batch_size,
         classes=len(index.classes),
+        buffers=buffers,
     )
-    return Batches(dataset, workers=workers, length=batches)
+    return Batches(dataset, workers=workers, length=batches, buffers=buffers)
 
 
 def _decode_on(raw: RawBatch, *, transform: DeviceTrainCrop, device: torch.device) -> Batch:
@@ -610,6 +636,9 @@ def _shuffled(items: Iterable[Any], rng: random.Random, size: int) -> Iterator[A
 
 
 _TRAIN_FIELDS = frozenset(["jpg", "cls"])  # tar members the batch streams read; others are seeked over
+# Image buffers a worker reuses: one in each of the DataLoader's 2 prefetch places, one the consumer is using, one it
+# has not yet dropped while it asks for the next (`for batch in batches` keeps the last one until rebound).
+_POOL = 4
 
 
 class _SampleRandom:
@@ -647,15 +676,16 @@ class _TrainStream(IterableDataset):
         rank: int,
         start_batch: int,
         decode: bool,
+        buffers: _BatchBuffers,
     ) -> None:
         self.segments, self.counts, self.transform = segments, counts, transform
         self.batch_size, self.classes, self.seed, self.epoch, self.rank = batch_size, classes, seed, epoch, rank
-        self.start_batch, self.decode = start_batch, decode
+        self.start_batch, self.decode, self.buffers = start_batch, decode, buffers
 
     def __len__(self) -> int:
         return sum(self.counts) - self.start_batch
 
-    def __iter__(self) -> Iterator[Batch | RawBatch]:
+    def __iter__(self) -> Iterator[Batch | _Leased | RawBatch]:
         info = get_worker_info()
         lanes = len(self.counts)
         # Rotate so that this epoch's batch `start_batch` comes from the worker torch asks first.
@@ -685,9 +715,8 @@ class _TrainStream(IterableDataset):
         return RawBatch(jpegs, torch.from_numpy(draws), torch.tensor(labels, dtype=torch.int64),
                         torch.from_numpy(colour))
 
-    def _batch(self, chunk: list[Item], sample_random: _SampleRandom) -> Batch:
-        crop = self.transform.crop
-        images = _images_buffer((len(chunk), crop, crop, 3))
+    def _batch(self, chunk: list[Item], sample_random: _SampleRandom) -> Batch | _Leased:
+        images, slot = self.buffers.take(len(chunk))
         colour = np.empty((len(chunk), 3), dtype=np.float32)
         labels = []
         for i, (shard, key, fields) in enumerate(chunk):
@@ -699,24 +728,69 @@ class _TrainStream(IterableDataset):
                 raise DataError(f"{shard.path}: sample {key}: {error}") from None
             colour[i] = rng.normal(0.0, ALPHA_STD, 3)
             labels.append(label)
-        return Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), torch.from_numpy(colour))
+        batch = Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), torch.from_numpy(colour))
+        return self.buffers.ship(batch, slot)
 
 
-def _images_buffer(shape: tuple[int, ...]) -> Tensor:
-    """An uninitialised uint8 tensor for a batch's images; in a dataloader worker, in shared memory already, as torch's
-    own collate makes it: the batch then goes to the main process as a handle, not copied into shared memory when
-    pickled (5 MB per 32 images at 224²: ~1 ms of the ~5 ms that handing a batch over costs here)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+class _Leased(NamedTuple):
+    """A batch whose images lie in a worker's pooled buffer, and where to give that buffer back."""
+
+    batch: Batch | None
+    worker: int
+    slot: int
+
+
+class _BatchBuffers:
+    """Where the loader builds its batches' images: in this process, a fresh tensor per batch; in a dataloader
+    worker, shared memory, as torch's own collate does, so that a batch goes to the consuming process as a handle
+    rather than copied into shared memory when pickled.
+
+    A fresh shared segment per batch costs its page faults and zeroing on first write (~150 µs per 224² image
+    here, 15% of a decode), so each worker reuses up to `_POOL` segments: it leases a free slot for a batch
+    (`take`), and the consuming process gives the slot back (`give_back`, from `Batches`) once no tensor views the
+    batch any more, by a flag in shared memory made before the workers start. When every slot is still held (a
+    consumer that keeps its batches), the worker takes a one-off segment: a buffer is never refilled while anything
+    can still read it."""
+
+    def __init__(self, *, workers: int, images: tuple[int, ...]) -> None:
+        self.images = images  # a full batch's images: (N, crop, crop, 3)
+        self._in_use = torch.zeros((workers, _POOL), dtype=torch.uint8).share_memory_() if workers else None
+        self._pool: list[torch.UntypedStorage] = []  # this worker's segments, by slot
+
+    def take(self, count: int) -> tuple[Tensor, int | None]:
+        """An uninitialised uint8 tensor for the images of a batch of `count` ≤ N images, and its slot (None when it
+        is not a pooled segment)."""
+        shape = (count, *self.images[1:])
+        info = get_worker_info()
+        if info is None:
+            return torch.empty(shape, dtype=torch.uint8), None
+        in_use = self._in_use[info.id].numpy()  # a view of the shared flags
+        slot = next((slot for slot in range(len(self._pool)) if not in_use[slot]), None)
+        if slot is None and len(self._pool) < _POOL:
+            slot = len(self._pool)
+            self._pool.append(torch.UntypedStorage._new_shared(math.prod(self.images)))
+        if slot is None:
+            storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        else:
+            storage, in_use[slot] = self._pool[slot], 1
+        return torch.empty(0, dtype=torch.uint8).set_(storage)[: math.prod(shape)].view(shape), slot
+
+    def ship(self, batch: Batch, slot: int | None) -> Batch | _Leased:
+        """What a worker yields for `batch`, built in `take`'s buffer of `slot`."""
+        return batch if slot is None else _Leased(batch, get_worker_info().id, slot)
+
+    def give_back(self, leased: _Leased) -> None:
+        self._in_use[leased.worker, leased.slot] = 0
 
 
 class _ValStream(IterableDataset):
-    def __init__(self, *, segments: list[list[Run]], transform: CentreCrop, batch_size: int, classes: int) -> None:
+    def __init__(
+        self, *, segments: list[list[Run]], transform: CentreCrop, batch_size: int, classes: int, buffers: _BatchBuffers
+    ) -> None:
         self.segments, self.transform, self.batch_size, self.classes = segments, transform, batch_size, classes
+        self.buffers = buffers
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | _Leased]:
         info = get_worker_info()
         runs = self.segments[info.id if info else 0]
         chunk: list[Item] = []
@@ -728,9 +802,8 @@ class _ValStream(IterableDataset):
         if chunk:
             yield self._batch(chunk)
 
-    def _batch(self, chunk: list[Item]) -> Batch:
-        crop = self.transform.crop
-        images = _images_buffer((len(chunk), crop, crop, 3))
+    def _batch(self, chunk: list[Item]) -> Batch | _Leased:
+        images, slot = self.buffers.take(len(chunk))
         labels = []
         for i, (shard, key, fields) in enumerate(chunk):
             jpeg, label = _jpeg_label(shard, key, fields, self.classes)
@@ -740,7 +813,7 @@ class _ValStream(IterableDataset):
                 raise DataError(f"{shard.path}: sample {key}: {error}") from None
             labels.append(label)
         colour = torch.zeros((len(chunk), 3), dtype=torch.float32)
-        return Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), colour)
+        return self.buffers.ship(Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), colour), slot)
 
 
 # ---------------------------------------------------------------------------------------------------- device
