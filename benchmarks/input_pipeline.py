@@ -14,7 +14,8 @@ DataLoader with the same number of worker processes and the same batch size, and
   RandomHorizontalFlip, ToTensor, Normalize (the paper's fixed-S recipe in torchvision terms).
 - decode-pil / decode-tv: the ceiling, each worker only decoding its share of the JPEG bytes (already in memory)
   to full-size RGB with PIL / with torchvision.io (libjpeg-turbo, the same pixels, less overhead).
-- decode-tv-ship: decode-tv that also hands crop-sized uint8 batches to the main process, as every loader must.
+- decode-tv-ship: decode-tv that also hands crop-sized uint8 batches to the main process, as every loader must,
+  the way torch's own collate does (a fresh shared-memory segment per batch; ours reuses a pool of them).
 
 Each pipeline's figures: images/s over the pass, and CPU time per image (this process and its workers), which
 other tenants of a shared machine disturb less; ratios of both are printed.
@@ -132,8 +133,9 @@ def read_datasets(root: Path, setup: Setup) -> tuple[list[bytes], Path, Path]:
 
 class DecodeOnly(IterableDataset):
     """The ceiling: worker w decodes JPEGs w, w+W, … from memory and yields one count per batch; with `ship`
-    (crop px), also each image's top-left crop × crop px in a uint8 batch in shared memory, as ours hands its
-    batches to the main process (the cost of that hand-over: allocation, page faults, the main process's share)."""
+    (crop px), also each image's top-left crop × crop px in a uint8 batch in a fresh shared-memory segment, as
+    torch's collate hands batches to the main process (the cost of that hand-over: allocation, page faults, the
+    main process's share)."""
 
     def __init__(self, jpegs: list[bytes], *, batch_size: int, decoder: str, ship: int | None = None) -> None:
         self.jpegs, self.batch_size, self.decoder, self.ship = jpegs, batch_size, decoder, ship
