@@ -244,7 +244,8 @@ def main() -> None:
             results["profiles"][name] = run_profile(name, PROFILES[name], workers=args.workers,
                                                     repeats=args.repeats, root=Path(tmp))
     keys = ["ours", "imagefolder-rrc", "imagefolder-resize", "decode-pil", "decode-tv", "decode-tv-ship"]
-    for title, field in ((f"images/s ({args.workers} workers)", "images_per_s"), ("CPU µs per image", "cpu_us_per_image")):
+    tables = ((f"images/s ({args.workers} workers)", "images_per_s"), ("CPU µs per image", "cpu_us_per_image"))
+    for title, field in tables:
         print(f"{title + ', best round':34s}" + "".join(f"{key:>19s}" for key in keys))
         for name, result in results["profiles"].items():
             print(f"{name:34s}" + "".join(f"{result[field][key]:19.0f}" for key in keys))

@@ -112,6 +112,11 @@ def epoch(shards: Path, **overrides) -> list[Batch]:
     return list(train_batches(shards, **args))
 
 
+def epoch_iter(shards: Path) -> Batches:
+    """An epoch's batches through two workers, not yet iterated."""
+    return train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=2, epoch=3, seed=7)
+
+
 def by_label(batches: list[Batch]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     return {int(label): (batch.images[i], batch.colour[i]) for batch in batches for i, label in enumerate(batch.labels)}
 
@@ -238,10 +243,6 @@ def test_workers_refill_an_image_buffer_only_once_nothing_views_it(shards):
     assert len({slot for slot, _ in shipped}) < len(shipped)
     for a, (_, b) in zip(arrived, shipped, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def epoch_iter(shards: Path) -> Batches:
-    return train_batches(shards, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=2, epoch=3, seed=7)
 
 
 def test_forked_workers_inherit_the_jpeg_decoder(shards):

@@ -813,7 +813,8 @@ class _ValStream(IterableDataset):
                 raise DataError(f"{shard.path}: sample {key}: {error}") from None
             labels.append(label)
         colour = torch.zeros((len(chunk), 3), dtype=torch.float32)
-        return self.buffers.ship(Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), colour), slot)
+        batch = Batch(images.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), colour)
+        return self.buffers.ship(batch, slot)
 
 
 # ---------------------------------------------------------------------------------------------------- device
