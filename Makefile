@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 # glibc's allocator returns memory to the OS after every large free, which costs ~25% of a CPU training step
-# in page faults; these two keep it (STACK.md: ~1.2x fp32, ~1.5x bf16 on this machine kind).
+# in page faults; these two keep it (~1.2x fp32 per step on a 2-core AVX2 host: benchmarks/train_step.py).
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 export RAY_USAGE_STATS_ENABLED := 0

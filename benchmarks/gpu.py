@@ -6,7 +6,7 @@ What it measures, in order:
 1. ceiling: a large bf16 `torch.matmul` (the chip's practical dense bf16 rate; fp32 in a CPU smoke run without
    AMX-BF16), and the nominal datasheet peak where the card is known;
 2. FLOPs: VGG-16's forward at the crop, counted by torch's FlopCounterMode on a meta-device model (30.94 GFLOP
-   = 2 × 15.47 GMACs at 224, checked); training counts 3 × forward (DESIGN.md §7: ≈ 93 GFLOP per image);
+   = 2 × 15.47 GMACs at 224, checked); training counts 3 × forward (≈ 93 GFLOP per image);
 3. correctness: bf16-autocast + channels_last logits against fp32 (IEEE fp32: TF32 off) on real crops —
    relative error and top-1 agreement — and the device-decoded crops (vgg.data.gpu_decode) against TrainCrop's;
 4. model step: `vgg.train.loop.fit` on device-resident synthetic uint8 batches (bf16 autocast, channels_last,
@@ -70,7 +70,7 @@ from vgg.train.loop import Hooks, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_FORWARD_GFLOP = 30.94  # VGG-16 at 224: 15.47 GMACs × 2 FLOP (timm/fvcore count)
-TRAIN_FLOP_FACTOR = 3  # forward + backward ≈ 3 × forward (DESIGN.md §7)
+TRAIN_FLOP_FACTOR = 3  # forward + backward ≈ 3 × forward
 TARGET_IMAGES_PER_S = 4300  # ≈ 50% of ~800 TFLOP/s at ≈ 93 GFLOP per image: the goal with data loading, one H100
 BF16_TOLERANCE = 0.05  # relative logits error; measured ≈ 0.01 for VGG-16 (CPU, kaiming init)
 DECODE_TOLERANCE = 3.0  # grey levels, mean |device crop − TrainCrop|: nvJPEG's IDCT/upsampling ≠ libjpeg-turbo's

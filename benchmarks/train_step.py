@@ -17,7 +17,7 @@ vgg11 fp32, one validation pass), both for one epoch of the same generated image
 ImageNet-like sizes; for `vgg train`, `vgg ingest`d shards). Reported: the wall time of each command and its
 images/s over the whole command, and the training rate over the epoch inside it (first batch included).
 
-Every step arm runs in a fresh process, once with glibc's default malloc and once with the tuning of STACK.md
+Every step arm runs in a fresh process, once with glibc's default malloc and once with the Makefile's tuning
 (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`: keep freed memory instead of page-faulting it back on
 every step). Those variables only act when set before the process starts, so the launcher (Makefile, Ray
 `runtime_env`) must set them; this script does so for its child processes.
@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per arm")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="ours only")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model (slower on CPU, STACK.md)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (slower on CPU)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--e2e", action="store_true", help="also time `vgg train` vs a reference train.py, end to end")
     parser.add_argument("--arm", choices=["baseline", "ours", "reference-e2e"], help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ import typer
 
 from pipelines.params import DEFAULT_PARAMS, load_profile
 from vgg.config import Profile
-from vgg.errors import VGGError
+from vgg.errors import ConfigError, VGGError
 
 app = typer.Typer(
     add_completion=False,
@@ -87,6 +87,10 @@ def ingest(
     resolved = _profile(params, profile, set_)
     if raw is None:
         resolved.require_raw_source()
+        if not resolved.data.raw:  # the profile generates its data: there is no default directory to read
+            raise ConfigError(f"RAW: profile {resolved.name} sets no data.raw; pass the directory to read, e.g. "
+                              f"`vgg synth data/{resolved.name}/raw` then `vgg ingest data/{resolved.name}/raw "
+                              f"--out {out}`")
         raw = Path(resolved.data.raw)
     report = ingest_raw(raw, out, max_side=resolved.data.max_side, shard_size=resolved.data.shard_size,
                         workers=workers, overwrite=overwrite, progress=True)
@@ -142,7 +146,6 @@ def evaluate(
 ) -> None:
     """Per-image softmax posteriors of one model in one evaluation mode, saved for fusion and the report."""
     from vgg.config import ScaleRange
-    from vgg.errors import ConfigError
     from vgg.evaluate.metrics import errors
     from vgg.evaluate.posteriors import (TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model)
     from vgg.train import checkpoint
@@ -276,7 +279,6 @@ def demo(
     import subprocess
     import time
 
-    from vgg.errors import ConfigError
 
     resolved = _profile(params, None, None)
     if not Path("dvc.yaml").is_file():

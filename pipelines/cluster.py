@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def start(args: list[str], log: Path) -> int:
     """Run `ray start ARGS` in a new session; returns the process group its daemons live in."""
-    # Jobs submitted to the cluster inherit this PATH (STACK.md): put this environment's `vgg` and `dvc` on it.
+    # Jobs submitted to the cluster inherit this PATH: put this environment's `vgg` and `dvc` on it.
     # Token authentication, explicitly: Ray 2.60 turns it on for a head whenever ~/.ray/auth_token exists, and a
     # joining node (or client) then needs RAY_AUTH_MODE=token too; clients use AUTH_ENV.
     env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0",

@@ -39,7 +39,8 @@ from vgg.train import checkpoint, precision
 from vgg.train.loop import Hooks, evaluate_errors, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# glibc malloc tuning for CPU training processes (STACK.md: the step is ~1.2-1.5x faster on this machine kind).
+# glibc malloc tuning for CPU training processes (the step is ~1.2-1.5x faster on a 2-core AVX2 host:
+# benchmarks/train_step.py).
 WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 GCS_PROBE_TIMEOUT_S = 5.0  # a closed or filtered GCS port fails here, not after ray.init's ~20 s of retries
 

@@ -34,7 +34,7 @@ from vgg.errors import ConfigError
 
 METRIC = "val/top1_err"  # what ASHA and the best config minimise, % (the paper's Table 3 metric)
 EPOCH_METRICS = ("train/loss", "val/top1_err", "val/top5_err", "lr", "train/images_per_s")
-# On 2 cores (STACK.md): one trial at a time; the trial process only waits on its Train run, its workers share
+# On 2 cores: one trial at a time; the trial process only waits on its Train run, its workers share
 # the rest. Train V2's controller actor takes no CPU.
 TRIAL_RESOURCES = {"CPU": 0.5}
 CPU_WORKER_RESOURCES = {"CPU": 0.5}

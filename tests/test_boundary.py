@@ -1,4 +1,4 @@
-"""The library stays pure (DESIGN.md §1): no module under vgg/ imports an edge."""
+"""The library stays pure: no module under vgg/ imports an edge."""
 
 import ast
 import subprocess

@@ -32,3 +32,13 @@ def test_user_errors_are_one_line_and_status_2(tmp_path):
     usage = subprocess.run([str(BIN / "vgg"), "no-such-command"], capture_output=True, text=True)
     assert usage.returncode == 2 and "No such command 'no-such-command'" in usage.stderr
     assert subprocess.run([str(BIN / "vgg"), "--help"], capture_output=True, text=True).returncode == 0
+
+
+def test_ingest_without_raw_names_the_directory_a_generated_profile_needs(tmp_path):
+    # The small profile generates its data (data.raw is ""): without RAW, ingest must not read the current directory.
+    result = subprocess.run([str(BIN / "vgg"), "ingest", "--out", str(tmp_path / "shards")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: RAW: profile small sets no data.raw; pass the directory to read, e.g. `vgg synth "
+                             f"data/small/raw` then `vgg ingest data/small/raw --out {tmp_path / 'shards'}`\n")
+    assert not (tmp_path / "shards").exists()

@@ -237,7 +237,7 @@ def test_dockerfile_builds_the_project_with_the_lock() -> None:
     assert f"-t {PROJECT_IMAGE} ." in dockerfile
     lock = (INFRA.parent / "requirements.lock").read_text().split()
     for pin in ("torch==2.14.1", "ray==2.60.0", "mlflow==3.17.2", "dvc==3.67.1"):
-        assert pin in lock, f"requirements.lock lacks {pin} (STACK.md)"
+        assert pin in lock, f"requirements.lock lacks {pin}"
     # The Dockerfile's build context must keep what the image needs and drop the local venv
     lines = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}

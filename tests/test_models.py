@@ -34,7 +34,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-# Exact counts at 1000 classes (DESIGN.md §2; Table 2 rounds them to 133, 133, 133, 134, 138, 144 M).
+# Exact counts at 1000 classes (Table 2 rounds them to 133, 133, 133, 134, 138, 144 M).
 PAPER_COUNTS = {
     "A": 132_863_336,
     "A-LRN": 132_863_336,

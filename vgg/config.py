@@ -2,7 +2,7 @@
 
 Every key is required and typed; an unknown, missing or ill-typed key, or an impossible value, raises
 `ConfigError` naming the dotted key (`train.lr: must be > 0, got -0.1`). Profiles (`small`, `paper`) are data
-in `params.yaml`, never branches in code (DESIGN.md §4).
+in `params.yaml`, never branches in code.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class TrainConfig:
     seed: int
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA and on CPUs with AMX-BF16
     channels_last: bool
-    compile: bool  # torch.compile the model (CUDA; slower on CPU, STACK.md)
+    compile: bool  # torch.compile the model (CUDA; slower on CPU)
     workers: int  # Ray Train workers (processes), each with micro_batch images per step
     use_gpu: bool
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0 = only at epoch ends)

@@ -77,7 +77,7 @@ def _rows(
     ]
 
 
-# The paper's numbers (val top-1 / top-5 error, %), DESIGN.md §2, keyed by (config, scale kind or mode).
+# The paper's numbers (val top-1 / top-5 error, %), from Tables 3–6, keyed by (config, scale kind or mode).
 TABLE3 = _rows("table3", "single", {  # single test scale, dense
     ("A", "low"): (29.6, 10.4), ("A-LRN", "low"): (29.7, 10.5), ("B", "low"): (28.7, 9.9),
     ("C", "low"): (28.1, 9.4), ("C", "high"): (28.1, 9.3), ("C", "jitter"): (27.3, 8.8),

@@ -3,9 +3,10 @@ the device in one `torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on
 decoder for baseline JPEGs, CUDA kernels otherwise; libjpeg-turbo on the CPU), and each image then gets the same
 random rescale/crop/flip as `vgg.data.transforms.TrainCrop`, resampled on the device.
 
-Use it when the CPU decode workers cannot keep up with the GPU (STACK.md: ≈ 370 decode+crop/s per core at the
-paper's S = 256; VGG-16 on an H100 wants several thousand images/s). The host then only reads JPEG bytes and draws
-the per-sample uniforms; benchmarks/gpu.py measures both input paths against the model step.
+Use it when the CPU decode workers cannot keep up with the GPU (≈ 500–700 decode+crop/s per core at the
+paper's S = 256, benchmarks/input_pipeline.py; VGG-16 on an H100 wants several thousand images/s). The host then
+only reads JPEG bytes and draws the per-sample uniforms; benchmarks/gpu.py measures both input paths against the
+model step.
 
 Same draws, same crop: `draws[i]` are the four uniforms `TrainCrop` takes from sample i's generator
 (`rng.random(4)`: scale, left, top, flip), so a generator seeded per sample as the loader seeds it gives the same

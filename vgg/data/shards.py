@@ -17,10 +17,10 @@ becomes ⌈N / shard_size⌉ shards whose sizes differ by at most one. Each shar
 results are consumed in task order and the statistics are exact integer sums, so the output does not depend on
 scheduling or on the number of workers: the same input gives byte-identical shards (fixed tar header fields).
 
-Shard size arithmetic. Paper profile: 1,281,167 train images; 64 GPUs × 8 loader workers = 512 readers, and each
-should get ≥ 8 shards per epoch → ≥ 4,096 shards → shard_size ≤ 312; PAPER_SHARD_SIZE = 256 gives 5,005 train
-shards (≈ 9.8 per reader, ≈ 28 MB each at ~110 KB per image) and 196 val shards. Small profile: ~1,500 train
-images at shard_size 64 → 24 shards, enough for 2 ranks × 2 workers × several.
+Shard size arithmetic (`data.shard_size` in params.yaml). Paper profile: 1,281,167 train images; 64 GPUs × 8
+loader workers = 512 readers, each of which should get several shards per epoch; shard_size 500 gives 2,563 train
+shards (5 per reader, ≈ 55 MB each at ~110 KB per image) and 100 val shards. Small profile: 3,000 train images at
+shard_size 64 → 47 shards, several per reader at 2 ranks × 2 workers.
 
 Safety: shards are written into a private staging folder inside OUT and renamed into place only when every shard,
 stats.json and the index are ready; on any failure (disk full included) the staging folder is removed and an
@@ -62,7 +62,6 @@ INGEST_VERSION = 1  # bump when the bytes ingestion writes change; part of the s
 JPEG_QUALITY = 95  # re-encoding (conversions, resizes), with 4:4:4 chroma
 SHUFFLE_SEED = 0  # the one fixed permutation of the training images before sharding
 STATS_STRIDE = 4  # colour statistics use every 4th pixel in each direction (1/16 of the pixels)
-PAPER_SHARD_SIZE = 256  # ≥ 8 shards per (rank × worker) at 64 GPUs × 8 workers, see the module docstring
 MTIME = 1_335_830_400  # fixed tar header mtime (2012-05-01 UTC): byte-identical shards
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # EFBIG: a file-size limit (ulimit -f) reads the same to us
 OUR_FILES = re.compile(r"(index\.json|stats\.json|(train|val)-\d{6}\.tar|\.ingest-.*|\.index\.json\..*\.tmp)")

@@ -1,7 +1,7 @@
 """Device and precision policy: which dtype the forward pass runs in, and how the model is laid out in memory.
 
 `auto` means bf16 autocast where the hardware does bf16 matrix maths natively — CUDA, or a CPU with AMX-BF16
-(STACK.md: ~4x faster than fp32 there for a VGG-A step). Elsewhere `auto` stays fp32: on the AVX2-only dev
+(reported ~4x faster than fp32 there for a VGG-A step). Elsewhere `auto` stays fp32: on the AVX2-only dev
 machine (AMD EPYC, no AVX512-BF16/AMX) a bf16 3x3 conv costs 10-35x the CPU time of fp32. Weights, optimizer
 state and the loss stay fp32 in every case (autocast casts per op).
 """
