@@ -271,16 +271,15 @@ def tune(
 
 
 @app.command()
-def demo(
-    params: ParamsOption = DEFAULT_PARAMS,
-) -> None:
-    """The main job: the paper's whole protocol (`dvc repro`) on the profile in params.yaml, then the report."""
+def demo() -> None:
+    """The main job: the paper's whole protocol (`dvc repro`) on the profile in params.yaml, then the report. Run it
+    from the project root: dvc reads ./params.yaml (switch profiles with `dvc exp run -S profile=...`)."""
     import contextlib
     import subprocess
     import time
 
 
-    resolved = _profile(params, None, None)
+    resolved = _profile(DEFAULT_PARAMS, None, None)
     if not Path("dvc.yaml").is_file():
         raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
     started = time.monotonic()

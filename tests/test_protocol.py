@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import BIN, ROOT
 
-# Most of `make test`'s ~18 minutes on 2 cores (Ray Train runs); `PYTEST_ARGS="-m 'not protocol'"` skips it.
+# Most of `make test`'s 13–14 minutes on 2 cores (Ray Train runs); `PYTEST_ARGS="-m 'not protocol'"` skips it.
 pytestmark = pytest.mark.protocol
 
 STAGES_UPSTREAM_OF_TRAINING = {"synth", "ingest"}
