@@ -8,7 +8,7 @@ Prints a table (stages grouped as in dvc.yaml, with counts) and writes every sta
     python benchmarks/protocol.py benchmarks/out/protocol.json
     python benchmarks/protocol.py out.json --keep /tmp/protocol-run     # keep the clone (data, runs, report)
 
-The small profile (the default) is meant to take at most 15 minutes on 2 CPU cores (issue 7).
+The small profile (the default) is meant to take at most 15 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
