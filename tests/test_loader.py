@@ -25,6 +25,7 @@ from vgg.data.loader import (
     ALPHA_STD,
     Batch,
     Batches,
+    _BatchBuffers,
     ColourStats,
     Preprocess,
     batches_per_epoch,
@@ -235,13 +236,25 @@ def test_workers_refill_an_image_buffer_only_once_nothing_views_it(shards):
 
     # The workers' side: what they ship names the pooled slot; slots given back are refilled.
     batches = epoch_iter(shards)
+    in_use = batches._buffers.renew()
     shipped = []
     for item in batches._loader:
         assert isinstance(item, _Leased) and 0 <= item.slot < _POOL
         shipped.append(((item.worker, item.slot), copied(item.batch)))
-        batches._buffers.give_back(item)
+        _BatchBuffers.give_back(item, in_use)
     assert len({slot for slot, _ in shipped}) < len(shipped)
     for a, (_, b) in zip(arrived, shipped, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+    # Two iterations of one loader at once, each with its own workers: one that drops its batches gives back only its
+    # own workers' buffers, never those that the other (which keeps its batches) still holds.
+    batches = epoch_iter(shards)
+    first = iter(batches)
+    kept = [next(first)]
+    for _ in batches:  # the second iteration, to its end
+        pass
+    kept += list(first)
+    for a, b in zip(arrived, kept, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

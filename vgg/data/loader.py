@@ -412,10 +412,11 @@ class Batches:
         return self._length
 
     def __iter__(self) -> Iterator[Batch]:
+        in_use = self._buffers.renew()  # this iteration's workers, started next, get flags of their own
         batches = iter(self._loader)
         try:
             if self._finish is None:
-                yield from self._handing_back(batches)
+                yield from self._handing_back(batches, in_use)
             else:
                 yield from _ahead(map(self._finish, batches), depth=2)
             return
@@ -425,17 +426,17 @@ class Batches:
         del batches  # stop the workers now, not when a garbage collection finds the cycle
         raise DataError(message)
 
-    def _handing_back(self, items: Iterator[Batch | _Leased]) -> Iterator[Batch]:
-        """The workers' batches; each leased buffer goes back to its worker once no tensor views it any more (a
-        pinned copy's at once: the copy is complete when it arrives)."""
+    def _handing_back(self, items: Iterator[Batch | _Leased], in_use: Tensor | None) -> Iterator[Batch]:
+        """The workers' batches; each leased buffer goes back to its worker (`in_use`: their flags) once no tensor
+        views it any more (a pinned copy's at once: the copy is complete when it arrives)."""
         held: list[tuple[StorageWeakRef, _Leased]] = []
         for item in items:
             for entry in [entry for entry in held if entry[0].expired()]:
                 held.remove(entry)
-                self._buffers.give_back(entry[1])
+                _BatchBuffers.give_back(entry[1], in_use)
             if isinstance(item, _Leased):
                 if self._loader.pin_memory:
-                    self._buffers.give_back(item)
+                    _BatchBuffers.give_back(item, in_use)
                 else:
                     held.append((StorageWeakRef(item.batch.images.untyped_storage()), item._replace(batch=None)))
                 item = item.batch
@@ -748,14 +749,21 @@ class _BatchBuffers:
     A fresh shared segment per batch costs its page faults and zeroing on first write (~150 µs per 224² image
     here, 15% of a decode), so each worker reuses up to `_POOL` segments: it leases a free slot for a batch
     (`take`), and the consuming process gives the slot back (`give_back`, from `Batches`) once no tensor views the
-    batch any more, by a flag in shared memory made before the workers start. When every slot is still held (a
-    consumer that keeps its batches), the worker takes a one-off segment: a buffer is never refilled while anything
-    can still read it."""
+    batch any more, by a flag in shared memory made before the workers start (`renew`, anew for each iteration's
+    workers: two iterations of one loader never share flags). When every slot is still held (a consumer that keeps
+    its batches), the worker takes a one-off segment: a buffer is never refilled while anything can still read
+    it."""
 
     def __init__(self, *, workers: int, images: tuple[int, ...]) -> None:
         self.images = images  # a full batch's images: (N, crop, crop, 3)
-        self._in_use = torch.zeros((workers, _POOL), dtype=torch.uint8).share_memory_() if workers else None
+        self._workers = workers
+        self._in_use: Tensor | None = None  # [worker, slot] lease flags of the latest iteration's workers
         self._pool: list[torch.UntypedStorage] = []  # this worker's segments, by slot
+
+    def renew(self) -> Tensor | None:
+        """Fresh flags for the workers about to start (forked or pickled after this call); None without workers."""
+        self._in_use = torch.zeros((self._workers, _POOL), dtype=torch.uint8).share_memory_() if self._workers else None
+        return self._in_use
 
     def take(self, count: int) -> tuple[Tensor, int | None]:
         """An uninitialised uint8 tensor for the images of a batch of `count` ≤ N images, and its slot (None when it
@@ -779,8 +787,10 @@ class _BatchBuffers:
         """What a worker yields for `batch`, built in `take`'s buffer of `slot`."""
         return batch if slot is None else _Leased(batch, get_worker_info().id, slot)
 
-    def give_back(self, leased: _Leased) -> None:
-        self._in_use[leased.worker, leased.slot] = 0
+    @staticmethod
+    def give_back(leased: _Leased, in_use: Tensor) -> None:
+        """Return a leased slot to its worker, by the flags (`renew`) of the workers that leased it."""
+        in_use[leased.worker, leased.slot] = 0
 
 
 class _ValStream(IterableDataset):
