@@ -384,7 +384,10 @@ def batches_per_epoch(index: ShardIndex, *, batch_size: int, world_size: int) ->
 
 class Batches:
     """One epoch's batches for this rank: `len()` is known up front; iterate once per epoch. Errors raised in a
-    dataloader worker come back as one-line `DataError`s (torch wraps them in a traceback)."""
+    dataloader worker come back as one-line `DataError`s (torch wraps them in a traceback).
+
+    With workers, a batch's images lie in a shared-memory buffer that a worker refills once this process holds no
+    tensor of the batch (`_BatchBuffers`): copy the images before handing them to another process."""
 
     def __init__(
         self,
@@ -404,7 +407,8 @@ class Batches:
             batch_size=None,  # workers build whole batches
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            prefetch_factor=_PREFETCH if workers else None,
+            persistent_workers=False,  # each iteration's workers get fresh buffer flags (`_BatchBuffers.renew`)
         )
         self._length = length
 
@@ -435,7 +439,7 @@ class Batches:
                 held.remove(entry)
                 _BatchBuffers.give_back(entry[1], in_use)
             if isinstance(item, _Leased):
-                if self._loader.pin_memory:
+                if item.batch.images.is_pinned():  # a copy (whatever made torch pin it): the buffer is free already
                     _BatchBuffers.give_back(item, in_use)
                 else:
                     held.append((StorageWeakRef(item.batch.images.untyped_storage()), item._replace(batch=None)))
@@ -637,9 +641,11 @@ def _shuffled(items: Iterable[Any], rng: random.Random, size: int) -> Iterator[A
 
 
 _TRAIN_FIELDS = frozenset(["jpg", "cls"])  # tar members the batch streams read; others are seeked over
-# Image buffers a worker reuses: one in each of the DataLoader's 2 prefetch places, one the consumer is using, one it
-# has not yet dropped while it asks for the next (`for batch in batches` keeps the last one until rebound).
-_POOL = 4
+_PREFETCH = 2  # batches each dataloader worker prepares ahead (torch's default)
+# Image buffers a worker reuses: one in each prefetch place, one the consumer is using, one it has not yet dropped
+# while it asks for the next (`for batch in batches` keeps the last one until rebound). A consumer that holds more
+# (gradient accumulation without pinned memory) makes workers take one-off buffers for the rest: slower, as safe.
+_POOL = _PREFETCH + 2
 
 
 class _SampleRandom:
@@ -752,7 +758,8 @@ class _BatchBuffers:
     batch any more, by a flag in shared memory made before the workers start (`renew`, anew for each iteration's
     workers: two iterations of one loader never share flags). When every slot is still held (a consumer that keeps
     its batches), the worker takes a one-off segment: a buffer is never refilled while anything can still read
-    it."""
+    it. Shared memory in use: up to `_POOL` batches' images per worker for the epoch (4 × 32 × 224² × 3 B ≈ 19 MB
+    at batch 32), up to about twice what fresh segments held at a time: size /dev/shm for it in containers."""
 
     def __init__(self, *, workers: int, images: tuple[int, ...]) -> None:
         self.images = images  # a full batch's images: (N, crop, crop, 3)
@@ -772,6 +779,8 @@ class _BatchBuffers:
         info = get_worker_info()
         if info is None:
             return torch.empty(shape, dtype=torch.uint8), None
+        if self._in_use is None:
+            raise RuntimeError("a batch stream's workers must be started by iterating its Batches (flags: renew)")
         in_use = self._in_use[info.id].numpy()  # a view of the shared flags
         slot = next((slot for slot in range(len(self._pool)) if not in_use[slot]), None)
         if slot is None and len(self._pool) < _POOL:
