@@ -278,7 +278,6 @@ def demo() -> None:
     import subprocess
     import time
 
-
     resolved = _profile(DEFAULT_PARAMS, None, None)
     if not Path("dvc.yaml").is_file():
         raise ConfigError("dvc.yaml not found: run `vgg demo` (or `make demo`) from the project root")
