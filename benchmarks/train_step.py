@@ -240,7 +240,7 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _run_arm(args: argparse.Namespace, arm: str, malloc: str) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for key in MALLOC_TUNED:
         env.pop(key, None)
     if malloc == "tuned":
@@ -287,7 +287,7 @@ def main() -> None:
     print(f"{'arm':<32} {'malloc':<8} {'images/s':>9} {'GFLOP/s':>8} {'vs first':>9} {'CPU s/image':>12}")
     for row in rows:
         print(f"{row['label']:<32} {row['malloc']:<8} {row['images_per_s']:>9.2f} {row['gflop_per_s']:>8.1f} "
-              f"{row['images_per_s'] / base:>8.2f}x {row['cpu_s_per_image']:>12.2f}")
+              f"{row['images_per_s'] / base:>8.2f}x {row['cpu_s_per_image']:>12.3g}")
     print("CPU s/image: process CPU time (all threads) per image; steadier than wall time when the cores are shared.")
     e2e_rows = []
     if args.e2e:
