@@ -23,7 +23,7 @@ import vgg.models
 from pipelines.params import load_profile
 from vgg.config import TrainConfig
 from vgg.data.loader import ColourStats, Preprocess
-from vgg.errors import CheckpointError, DataError
+from vgg.errors import CheckpointError, DataError, DivergenceError
 from vgg.train import checkpoint, precision
 from vgg.train.loop import Hooks, evaluate_errors, fit
 from vgg.train.schedule import PlateauSchedule
@@ -264,6 +264,60 @@ def test_short_epochs_are_a_clear_error() -> None:
     with pytest.raises(DataError, match="ran out before the 8 micro-batches"):
         fit(model=Tiny(dropout=0.0), config=config, lr=0.01, batches=data.batches, steps_per_epoch=8,
             validate=lambda m: (0.0, 0.0), preprocess=Scale(), device=CPU, header=HEADER)
+
+
+class KeepCheckpoints(Hooks):
+    """Every payload fit hands over, mid-epoch and at epoch ends, copied as a checkpoint write would."""
+
+    def __init__(self) -> None:
+        self.saved: list[dict[str, Any]] = []
+
+    def on_checkpoint(self, payload):
+        self.saved.append(torch.load(io.BytesIO(_serialised(payload)), weights_only=True))
+
+    def on_epoch_end(self, metrics, make):
+        self.on_checkpoint(make())
+
+
+def _serialised(payload: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def test_a_diverging_run_stops_with_one_line_before_checkpointing_it() -> None:
+    """lr 100 makes the loss NaN within epoch 1: fit stops at the first checkpoint after that with a clear error,
+    and every checkpoint it handed over before holds finite weights."""
+    data = Quadrants(count=32, size=16, micro_batch=4, seed=1)
+    hooks = KeepCheckpoints()
+    config = train_config(batch_size=4, micro_batch=4, lr=100.0, max_epochs=3, checkpoint_every=1)
+    torch.manual_seed(0)
+    with pytest.raises(DivergenceError, match=r"^training diverged in epoch 1 by optimizer step \d+ \(lr 100\): "
+                                              r"the training loss is nan; .*Lower train\.lr"):
+        run(Tiny(dropout=0.0), data, config, hooks=hooks)
+    assert 0 < len(hooks.saved) < data.steps
+    assert all(value.isfinite().all() for saved in hooks.saved for value in saved["model"].values())
+
+
+def test_non_finite_weights_stop_the_run_even_when_the_loss_is_finite() -> None:
+    """A weight that became NaN where the loss cannot show it (here: a parameter the forward pass never uses)."""
+
+    class WithSpare(Tiny):
+        def __init__(self) -> None:
+            super().__init__(dropout=0.0)
+            self.spare = nn.Parameter(torch.zeros(3))
+
+    class PoisonAfterFirst(KeepCheckpoints):
+        def on_checkpoint(self, payload):
+            super().on_checkpoint(payload)
+            model.spare.data[1] = math.nan
+
+    data = Quadrants(count=32, size=16, micro_batch=4, seed=1)
+    hooks, model = PoisonAfterFirst(), WithSpare()
+    config = train_config(batch_size=4, micro_batch=4, lr=0.01, max_epochs=1, checkpoint_every=1)
+    with pytest.raises(DivergenceError, match=r"by optimizer step 2 .*: some weights are not finite; no checkpoint"):
+        run(model, data, config, hooks=hooks)
+    assert len(hooks.saved) == 1 and hooks.saved[0]["model"]["spare"].isfinite().all()
 
 
 # --- exact resume ---------------------------------------------------------------------------------------------

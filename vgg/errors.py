@@ -22,3 +22,7 @@ class CheckpointError(VGGError):
 
 class ModelError(VGGError):
     """An unknown configuration name or weights that do not fit a model."""
+
+
+class DivergenceError(VGGError):
+    """Training whose loss or weights stopped being finite (an lr too high for the init, say)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vgg.config import TrainConfig
-from vgg.errors import CheckpointError, ConfigError, DataError
+from vgg.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from vgg.train import precision
 from vgg.train.schedule import PlateauSchedule, StopReason
 
@@ -181,9 +182,12 @@ def fit(
                 and state.global_step % config.checkpoint_every == 0
                 and state.step_in_epoch < optimizer_steps
             ):
-                hooks.on_checkpoint(payload(*_sum_over_ranks(state.loss_sum, state.images)))
+                loss_sum, images = _sum_over_ranks(state.loss_sum, state.images)
+                _check_finite(core, loss_sum, epoch=state.epoch, step=state.global_step, lr=schedule.lr)
+                hooks.on_checkpoint(payload(loss_sum, images))
         bar.close()
         loss_sum, images = _sum_over_ranks(state.loss_sum, state.images)  # the epoch's one host sync
+        _check_finite(core, loss_sum, epoch=state.epoch, step=state.global_step, lr=schedule.lr)
         # All ranks' images over this rank's wall time, data loading and mid-epoch checkpoints included.
         images_per_s = timed_images * world / (time.perf_counter() - started)
         model.eval()
@@ -290,6 +294,20 @@ def _take(micro: Iterator[BatchLike], count: int, *, epoch: int, expected: int) 
             "steps_per_epoch promised; compute it with vgg.data.loader.batches_per_epoch for this rank layout"
         )
     return [batch for _, batch in group]
+
+
+def _check_finite(core: nn.Module, loss_sum: float, *, epoch: int, step: int, lr: float) -> None:
+    """Stop a diverged run before it checkpoints: NaN weights saved over a good checkpoint would lose the run.
+    Called where the loss is on the host anyway; every rank sees the same summed loss and the same weights, so
+    all ranks stop together (none is left waiting in a collective)."""
+    weights_finite = bool(torch.stack([parameter.detach().isfinite().all() for parameter in core.parameters()]).all())
+    if math.isfinite(loss_sum) and weights_finite:
+        return
+    problem = f"the training loss is {loss_sum:g}" if not math.isfinite(loss_sum) else "some weights are not finite"
+    raise DivergenceError(
+        f"training diverged in epoch {epoch + 1} by optimizer step {step} (lr {lr:g}): {problem}; no checkpoint "
+        "was written from these weights. Lower train.lr, or start from a trained model (--init, §3.1)"
+    )
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
