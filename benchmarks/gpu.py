@@ -1,6 +1,6 @@
 """VGG-16 (config D) training and evaluation on one GPU: images/s, TFLOP/s and the fraction of the chip's bf16
-peak, for the model step alone and with the real input pipeline, all in one run (≈ 2–3 min on an H100 without
---compile; the first run also generates ≈ 4,000 paper-sized images, ≈ 30 s on 16 cores).
+peak, for the model step alone and with the real input pipeline, all in one run (≈ 2 min on an H200 with 16 CPU
+cores, of which ≈ 30 s generate ≈ 4,000 paper-sized images on the first run).
 
 What it measures, in order:
 1. ceiling: a large bf16 `torch.matmul` (the chip's practical dense bf16 rate; fp32 in a CPU smoke run without
