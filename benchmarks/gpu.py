@@ -30,11 +30,12 @@ The training split is listed several times in a view (symlinks + index.json) so 
 reach the loader's steady state; replicas have the same keys and so the same crops, which costs the same.
 
     python benchmarks/gpu.py benchmarks/out/gpu.json                 # on a CUDA machine
-    python benchmarks/gpu.py benchmarks/out/gpu.json --eager                 # no torch.compile anywhere
+    python benchmarks/gpu.py benchmarks/out/gpu.json --eager         # no torch.compile anywhere
     python benchmarks/gpu.py out.json --cpu-smoke                    # tiny sizes, a few steps: the code path only
 
 `--cpu-smoke` (automatic without CUDA) runs every section with a width-×0.125 VGG-16 on 32 px crops on the CPU
-in ~20 s, eager unless `--compile`: its numbers are not performance figures. Exit status 1 when a section failed (its error is in the JSON).
+in ~20 s, eager unless `--compile`: its numbers are not performance figures. Exit status 1 when a section failed
+(its error is in the JSON).
 """
 
 from __future__ import annotations
@@ -519,8 +520,8 @@ def print_table(result: dict) -> None:
     if not result["performance_figure"]:
         print("CPU smoke: tiny sizes, code path only — not a performance figure")
     ceiling, peak = result.get("matmul_tflops"), result.get("nominal_peak_tflops")
-    print(f"{result['precision']} matmul ceiling {ceiling or float('nan'):.3g} TFLOP/s; nominal peak {peak or 'unknown'}; forward "
-          f"{result['flops']['forward_gflop']:.3f} GFLOP/image (VGG-16 @224 counted "
+    print(f"{result['precision']} matmul ceiling {ceiling or float('nan'):.3g} TFLOP/s; nominal peak "
+          f"{peak or 'unknown'}; forward {result['flops']['forward_gflop']:.3f} GFLOP/image (VGG-16 @224 counted "
           f"{result['flops']['vgg16_224_forward_gflop']:.2f})")
     for key in ("bf16_check", "decode_check"):
         check = result.get(key)

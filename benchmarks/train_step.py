@@ -138,7 +138,8 @@ def reference_e2e(folder: Path, *, batch: int, workers: int) -> dict[str, float]
     normalise = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = torchvision.datasets.ImageFolder(
         folder / "train", v2.Compose([v2.RandomResizedCrop(CROP), v2.RandomHorizontalFlip(), *normalise]))
-    val = torchvision.datasets.ImageFolder(folder / "val", v2.Compose([v2.Resize(256), v2.CenterCrop(CROP), *normalise]))
+    val = torchvision.datasets.ImageFolder(folder / "val",
+                                           v2.Compose([v2.Resize(256), v2.CenterCrop(CROP), *normalise]))
     model = torchvision.models.vgg11(num_classes=len(train.classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(train, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
