@@ -139,7 +139,9 @@ def evaluate(
         "--single-out", help="with --scales multi: also write the single-scale posteriors (Q from the training S, "
         "one of the three) from the same pass")] = None,
     split: Annotated[str, typer.Option(help="split of the shards to evaluate")] = "val",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[Optional[str], typer.Option(
+        help="auto (CUDA here if any, else CPU) | cpu | cuda | ray (a task on the Ray cluster); default eval.device")
+    ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
     profile: ProfileOption = None,
     set_: SetOption = None,
@@ -147,8 +149,9 @@ def evaluate(
     """Per-image softmax posteriors of one model in one evaluation mode, saved for fusion and the report."""
     from vgg.config import ScaleRange
     from vgg.evaluate.metrics import errors
-    from vgg.evaluate.posteriors import (TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model)
     from vgg.train import checkpoint
+
+    from pipelines.evaluation import Request, local_device, on_ray, posteriors
 
     resolved = _profile(params, profile, set_)
     if single_out is not None and scales != "multi":
@@ -163,20 +166,21 @@ def evaluate(
             q = [int(value) for value in scales.split(",")]
         except ValueError:
             raise ConfigError(f"--scales: expected single, multi or a list of px like 256,384,512, got {scales!r}") from None
-    network = load_model(model, name=torchvision)
-    meta = {"config": torchvision, "source": str(model)} if torchvision else checkpoint_meta(model)
-    posteriors = compute_posteriors(
-        network, shards, split, mode=mode, scales=q, grid=resolved.eval.grid, batch_size=resolved.eval.batch_size,
-        device=device, precision="auto", channels_last=resolved.train.channels_last, progress=True,
-        preprocess=TorchvisionNormalize() if torchvision else None, meta=meta,
-        keep_scales=[scale.single_q] if single_out else [],
+    choice = device or resolved.eval.device
+    where = None if choice == "ray" else local_device(choice)  # a bad --device is one line before any work
+    request = Request(
+        model=model.absolute(), torchvision=torchvision, shards=shards.absolute(), split=split, mode=mode,
+        scales=tuple(q), keep_scales=(scale.single_q,) if single_out else (), grid=resolved.eval.grid,
+        batch_size=resolved.eval.batch_size, channels_last=resolved.train.channels_last,
+        decode_threads=resolved.data.loader_workers,
     )
-    written = [(out, posteriors)] + ([(single_out, posteriors.at_scale(scale.single_q))] if single_out else [])
-    for path, result in written:
+    results = on_ray(request, gpu=resolved.train.use_gpu) if where is None else posteriors(request, where)
+    for path, result in zip([out, single_out], results):
         result.save(path)
         error = errors(result)
-        typer.echo(f"{path}: {meta['config']} {mode} Q={result.meta['scales']}: top-1 error {error['top1_err']:.2f}%, "
-                   f"top-5 error {error['top5_err']:.2f}% on {len(result.keys)} {split} images")
+        typer.echo(f"{path}: {result.meta['config']} {mode} Q={result.meta['scales']}: top-1 error "
+                   f"{error['top1_err']:.2f}%, top-5 error {error['top5_err']:.2f}% on {len(result.keys)} {split} "
+                   "images")
 
 
 @app.command()

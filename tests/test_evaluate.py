@@ -277,6 +277,20 @@ def test_single_out_without_multi_scale_is_a_one_line_error(tmp_path):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: this machine has no CUDA device; use cpu, or ray to evaluate on a GPU of the Ray cluster"),
+    ("gpu", "--device: expected one of auto, cpu, cuda, ray, got 'gpu'"),
+])
+def test_an_unusable_device_is_a_one_line_error_before_any_work(tmp_path, device, message):
+    result = subprocess.run(
+        [str(BIN / "vgg"), "evaluate", str(tmp_path / "model.pt"), "--shards", str(tmp_path), "--out",
+         str(tmp_path / "out.npz"), "--scales", "40", "--device", device],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert (result.returncode, result.stderr.strip()) == (2, f"error: {message}")
+
+
 # Fusion -------------------------------------------------------------------------------------------------------
 
 

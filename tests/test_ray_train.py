@@ -20,6 +20,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -35,6 +36,7 @@ from tests.conftest import free_port
 from vgg.config import Profile
 from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches
 from vgg.evaluate.posteriors import load_model
+from vgg.evaluate.results import Posteriors
 from vgg.models import from_config
 from vgg.train import checkpoint
 from vgg.train.loop import fit
@@ -148,6 +150,31 @@ def test_vgg_train_writes_a_final_model(trained_a):
     model = load_model(trained_a.out)
     assert model.name == "A" and model.num_classes == 4
     assert trained_a.process.stdout.strip().splitlines()[-1].startswith(f"wrote a.pt: epoch {_epochs(trained_a)},")
+
+
+def test_vgg_evaluate_runs_as_one_ray_task_where_the_profile_says(trained_a, ray_cluster, tiny_params, tiny_shards,
+                                                                   tmp_path):
+    """eval.device=ray (the paper profile's: the head that runs dvc has no GPU) computes the same posteriors as this
+    machine, in a task on the cluster; on a GPU profile, a cluster without GPUs is one line and writes nothing."""
+    base = [str(VGG), "evaluate", str(trained_a.out), "--params", str(tiny_params), "--shards", str(tiny_shards),
+            "--mode", "dense", "--scales", "multi"]
+    here = _vgg(base + ["--out", "here.npz", "--single-out", "here-1.npz", "--device", "cpu"], cwd=tmp_path,
+                env=_env(ray_cluster))
+    assert here.returncode == 0, here.stderr[-3000:]
+    remote = _vgg(base + ["--out", "ray.npz", "--single-out", "ray-1.npz", "--set", "eval.device=ray"], cwd=tmp_path,
+                  env=_env(ray_cluster))
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert "(posteriors pid=" in remote.stdout + remote.stderr  # the task's progress, relayed by Ray
+    for suffix in ("", "-1"):
+        expected, actual = (Posteriors.load(tmp_path / f"{name}{suffix}.npz") for name in ("here", "ray"))
+        assert actual.keys == expected.keys and actual.meta == expected.meta
+        np.testing.assert_allclose(actual.probs, expected.probs, atol=1e-6)  # threads differ: sums in another order
+    gpu = _vgg(base + ["--out", "gpu.npz", "--set", "eval.device=ray", "--set", "train.use_gpu=true"], cwd=tmp_path,
+               env=_env(ray_cluster))
+    assert gpu.returncode == 2 and gpu.stderr.strip().splitlines()[-1] == (
+        "error: eval.device=ray on a GPU profile needs a GPU but the Ray cluster has none; add a GPU node, or "
+        "evaluate on this machine with --device auto")
+    assert not (tmp_path / "gpu.npz").exists()
 
 
 def _epochs(trained_a: TrainedA) -> int:

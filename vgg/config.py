@@ -159,6 +159,9 @@ class EvalConfig:
     q_offset: int  # px, multi-scale Q = {S−off, S, S+off} for fixed S (32, §3.2)
     batch_size: int  # crops (multi-crop) or same-sized images (dense) per forward pass
     grid: int  # multi-crop grid per side (5 → 5×5 crops × 2 flips = 50 per scale, §3.2)
+    # Where `vgg evaluate` runs: auto = CUDA where this machine has it, else the CPU; ray = as one Ray task on the
+    # cluster in RAY_ADDRESS (or a local Ray), on one GPU when train.use_gpu (a cluster's head has none).
+    device: Literal["auto", "cpu", "cuda", "ray"]
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "grid")

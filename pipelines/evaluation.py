@@ -1,0 +1,80 @@
+"""Where `vgg evaluate` computes its posteriors (the profile's `eval.device`): on this machine, on its CPU or CUDA
+device, or as one Ray task on the cluster in RAY_ADDRESS (or a local Ray), on one of its GPUs when the profile
+trains on GPUs. On a cluster `dvc repro` runs on the head, which has no GPU: there, VGG-16's 50,000 validation
+images at three scales would take days instead of minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from vgg.errors import ConfigError
+from vgg.evaluate.posteriors import TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model
+from vgg.evaluate.results import Posteriors
+
+DEVICES = ("auto", "cpu", "cuda", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One `vgg evaluate`: what to compute, independent of where (paths absolute: a Ray task may run elsewhere)."""
+
+    model: Path  # our checkpoint, or torchvision weights of configuration `torchvision`
+    torchvision: str | None
+    shards: Path
+    split: str
+    mode: str
+    scales: tuple[int, ...]  # test scales Q, px (§3.2)
+    keep_scales: tuple[int, ...]  # of those, the ones whose own posteriors are returned too
+    grid: int
+    batch_size: int
+    channels_last: bool
+    decode_threads: int  # images decoded and rescaled ahead of the model on an accelerator (0 on a CPU)
+
+
+def posteriors(request: Request, device: str) -> tuple[Posteriors, ...]:
+    """The posteriors over `request.scales`, then those of each of `request.keep_scales`, computed here."""
+    network = load_model(request.model, name=request.torchvision)
+    meta = {"config": request.torchvision, "source": str(request.model)} if request.torchvision else (
+        checkpoint_meta(request.model))
+    result = compute_posteriors(
+        network, request.shards, request.split, mode=request.mode, scales=list(request.scales), grid=request.grid,
+        batch_size=request.batch_size, device=device, precision="auto", channels_last=request.channels_last,
+        progress=True, workers=0 if device == "cpu" else request.decode_threads,
+        preprocess=TorchvisionNormalize() if request.torchvision else None, meta=meta,
+        keep_scales=list(request.keep_scales),
+    )
+    return (result, *(result.at_scale(q) for q in request.keep_scales))
+
+
+def local_device(choice: str) -> str:
+    """The torch device for `choice` on this machine: auto = CUDA where there is one, else the CPU."""
+    if choice not in DEVICES:
+        raise ConfigError(f"--device: expected one of {', '.join(DEVICES)}, got {choice!r}")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no CUDA device; use cpu, or ray to evaluate on a GPU of "
+                          "the Ray cluster")
+    return choice
+
+
+def on_ray(request: Request, *, gpu: bool) -> tuple[Posteriors, ...]:
+    """`posteriors(request)` as one Ray task: on one GPU (and `decode_threads` CPUs) when `gpu`, else one CPU."""
+    import ray
+
+    from pipelines.ray_train import ClusterError, _user_error, connect
+
+    connect()
+    if gpu and ray.cluster_resources().get("GPU", 0.0) < 1:
+        raise ClusterError("eval.device=ray on a GPU profile needs a GPU but the Ray cluster has none; add a GPU "
+                           "node, or evaluate on this machine with --device auto")
+    task = ray.remote(posteriors).options(num_gpus=1 if gpu else 0,
+                                           num_cpus=max(1, request.decode_threads) if gpu else 1)
+    try:
+        return ray.get(task.remote(request, "cuda" if gpu else "cpu"))
+    except Exception as error:  # Ray wraps a task's exception
+        raise _user_error(error) or error
