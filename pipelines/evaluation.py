@@ -7,15 +7,17 @@ images at three scales would take days instead of minutes.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import torch
 
+from vgg.config import EvalConfig
 from vgg.errors import ConfigError
 from vgg.evaluate.posteriors import TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model
 from vgg.evaluate.results import Posteriors
 
-DEVICES = ("auto", "cpu", "cuda", "ray")
+DEVICES = typing.get_args(typing.get_type_hints(EvalConfig)["device"])  # auto, cpu, cuda, ray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Request:
     grid: int
     batch_size: int
     channels_last: bool
-    decode_threads: int  # images decoded and rescaled ahead of the model on an accelerator (0 on a CPU)
+    decode_threads: int  # threads decoding and rescaling ahead of the model on an accelerator (a CPU runs inline)
 
 
 def posteriors(request: Request, device: str) -> tuple[Posteriors, ...]:
