@@ -151,7 +151,7 @@ def evaluate(
     from vgg.evaluate.metrics import errors
     from vgg.train import checkpoint
 
-    from pipelines.evaluation import Request, local_device, on_ray, posteriors
+    from pipelines.evaluation import Request, run
 
     resolved = _profile(params, profile, set_)
     if single_out is not None and scales != "multi":
@@ -166,15 +166,13 @@ def evaluate(
             q = [int(value) for value in scales.split(",")]
         except ValueError:
             raise ConfigError(f"--scales: expected single, multi or a list of px like 256,384,512, got {scales!r}") from None
-    choice = device or resolved.eval.device
-    where = None if choice == "ray" else local_device(choice)  # a bad --device is one line before any work
     request = Request(
         model=model.absolute(), torchvision=torchvision, shards=shards.absolute(), split=split, mode=mode,
         scales=tuple(q), keep_scales=(scale.single_q,) if single_out else (), grid=resolved.eval.grid,
         batch_size=resolved.eval.batch_size, channels_last=resolved.train.channels_last,
         decode_threads=resolved.data.loader_workers,
     )
-    results = on_ray(request, gpu=resolved.train.use_gpu) if where is None else posteriors(request, where)
+    results = run(request, device=device or resolved.eval.device, gpu=resolved.train.use_gpu)
     for path, result in zip([out, single_out], results):
         result.save(path)
         error = errors(result)

@@ -52,7 +52,13 @@ def posteriors(request: Request, device: str) -> tuple[Posteriors, ...]:
     return (result, *(result.at_scale(q) for q in request.keep_scales))
 
 
-def local_device(choice: str) -> str:
+def run(request: Request, *, device: str, gpu: bool) -> tuple[Posteriors, ...]:
+    """`posteriors(request)` where `device` (an `eval.device` value) says; `gpu`: the profile trains on GPUs, so a
+    Ray task takes one. A device that cannot be used here is one line before any work."""
+    return _on_ray(request, gpu=gpu) if device == "ray" else posteriors(request, _local(device))
+
+
+def _local(choice: str) -> str:
     """The torch device for `choice` on this machine: auto = CUDA where there is one, else the CPU."""
     if choice not in DEVICES:
         raise ConfigError(f"--device: expected one of {', '.join(DEVICES)}, got {choice!r}")
@@ -64,7 +70,7 @@ def local_device(choice: str) -> str:
     return choice
 
 
-def on_ray(request: Request, *, gpu: bool) -> tuple[Posteriors, ...]:
+def _on_ray(request: Request, *, gpu: bool) -> tuple[Posteriors, ...]:
     """`posteriors(request)` as one Ray task: on one GPU (and `decode_threads` CPUs) when `gpu`, else one CPU."""
     import ray
 
