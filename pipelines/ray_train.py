@@ -32,7 +32,7 @@ from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_r
                                 tracking_uri)
 from vgg.config import Profile, from_mapping
 from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches, val_batches
-from vgg.errors import CheckpointError, ConfigError, ModelError, VGGError
+from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError, VGGError
 from vgg.evaluate.posteriors import load_model
 from vgg.models import CONFIGS, from_config, warm_start
 from vgg.train import checkpoint, precision
@@ -145,7 +145,8 @@ def fit_trainer(
 ) -> ray.train.Result:
     """Run one Ray Train run of `job` named `name` under `job.storage` (`run`'s, and each Tune trial's): its
     workers call `_train_worker`; a failed worker group restarts from the last of `checkpoints` kept checkpoints,
-    up to `job.max_failures` times. A user error raised on a worker comes back as its own one line."""
+    up to `job.max_failures` times. A user error raised on a worker comes back as its own one line; a divergence
+    is not retried (`_train_worker`)."""
     train = job.profile.train
     trainer = TorchTrainer(
         _train_worker,
@@ -163,9 +164,12 @@ def fit_trainer(
         ),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors
         raise _user_error(error) or error
+    if isinstance(result.return_value, DivergenceError):
+        raise result.return_value
+    return result
 
 
 def train(
@@ -281,8 +285,9 @@ def _worker_resources(*, workers: int, use_gpu: bool) -> dict[str, float]:
     return {"CPU": float(per_worker)}
 
 
-def _train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build loaders for this rank, the model, its initialisation; call `fit`."""
+def _train_worker(loop_config: dict[str, Any]) -> DivergenceError | None:
+    """Runs on every Ray Train worker: build loaders for this rank, the model, its initialisation; call `fit`.
+    Returns (rank 0's return value is the run's `Result.return_value`) the DivergenceError that stopped `fit`."""
     # Ray Train logs every report (metrics, checkpoint path) at INFO once per rank, through `ray.train` and through
     # the root logger (a logger named by its file path), which LoggingConfig does not reach: workers say only what
     # needs attention.
@@ -354,10 +359,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint.save(Path(directory) / CHECKPOINT_FILE, payload)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
-    fit(model=model, config=train, lr=job.lr, batches=batches,
-        steps_per_epoch=batches_per_epoch(index, batch_size=train.micro_batch, world_size=world),
-        validate=validate, preprocess=preprocess, device=device, header=header, hooks=RayHooks(),
-        resume=resume, progress=loop_config["progress"] and rank == 0)
+    try:
+        fit(model=model, config=train, lr=job.lr, batches=batches,
+            steps_per_epoch=batches_per_epoch(index, batch_size=train.micro_batch, world_size=world),
+            validate=validate, preprocess=preprocess, device=device, header=header, hooks=RayHooks(),
+            resume=resume, progress=loop_config["progress"] and rank == 0)
+    except DivergenceError as error:
+        # Every rank raises it at the same step (`fit` checks the summed loss and the shared weights), and a retry
+        # from the last checkpoint would diverge again there. Raised, Ray would retry it max_failures times first;
+        # returned, it ends the run, and `fit_trainer` raises it.
+        return error
+    return None
 
 
 def _initialise_from(model: Any, job: TrainJob) -> None:

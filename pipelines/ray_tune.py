@@ -30,10 +30,11 @@ from pipelines.ray_train import (ClusterError, TrainJob, _job_from_dict, _job_to
                                  connect, fit_trainer)
 from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
 from vgg.config import Profile, ScaleRange
-from vgg.errors import ConfigError
+from vgg.errors import ConfigError, DivergenceError
 
 METRIC = "val/top1_err"  # what ASHA and the best config minimise, % (the paper's Table 3 metric)
 EPOCH_METRICS = ("train/loss", "val/top1_err", "val/top5_err", "lr", "train/images_per_s")
+DIVERGED = "diverged"  # the key of a diverged trial's last result: the DivergenceError's line
 # On 2 cores: one trial at a time; the trial process only waits on its Train run, its workers share
 # the rest. Train V2's controller actor takes no CPU.
 TRIAL_RESOURCES = {"CPU": 0.5}
@@ -63,7 +64,7 @@ class TrialResult:
     top1_err: float
     top5_err: float
     best_epoch: int
-    outcome: str  # completed (fit ended: max_epochs or plateau) | stopped (ASHA or time budget) | failed
+    outcome: str  # completed (fit ended: max_epochs or plateau) | stopped (ASHA or time budget) | diverged | failed
 
 
 def tune(
@@ -276,8 +277,13 @@ def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: in
         out=job.storage / run_name / "model.pt",  # not written: a trial's model stays in its Ray checkpoints
     )
     # Rank 0's per-epoch metrics become this trial's Tune results; a worker's user error, the trial's error.
-    fit_trainer(job, name=run_name, checkpoints=1, progress=False, callbacks=[TuneReportCallback()],
-                resources=GPU_WORKER_RESOURCES if job.profile.train.use_gpu else CPU_WORKER_RESOURCES)
+    try:
+        fit_trainer(job, name=run_name, checkpoints=1, progress=False, callbacks=[TuneReportCallback()],
+                    resources=GPU_WORKER_RESOURCES if job.profile.train.use_gpu else CPU_WORKER_RESOURCES)
+    except DivergenceError as error:
+        # A finding of the search (this lr is too high for the init), not a failure to log with a traceback: the
+        # trial's last result says so. Tune requires the metric in every result; NaN ranks it last.
+        ray.tune.report({METRIC: math.nan, DIVERGED: str(error)})
 
 
 def _check_capacity(profile: Profile) -> None:
@@ -328,7 +334,8 @@ class TrialLedger(ray.tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # `done` is set on the result Tune makes when the trial function returns, not on a result ASHA stopped at.
-        self._finish(trial.trial_id, "completed" if (trial.last_result or {}).get("done") else "stopped")
+        last = trial.last_result or {}
+        self._finish(trial.trial_id, "diverged" if DIVERGED in last else "completed" if last.get("done") else "stopped")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial.trial_id, "failed")
@@ -342,7 +349,7 @@ class TrialLedger(ray.tune.Callback):
         run = self.runs.pop(trial_id, None)
         if run is not None:
             run.client.set_tag(run.run_id, "outcome", outcome)
-            run.finish("FAILED" if outcome == "failed" else "FINISHED")
+            run.finish("FAILED" if outcome in ("diverged", "failed") else "FINISHED")
 
 
 def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int,
@@ -359,7 +366,7 @@ def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: 
 
 
 def _table(grid: ray.tune.ResultGrid, ledger: TrialLedger) -> tuple[TrialResult, ...]:
-    """The trials that started, best first (lowest top-1, then top-5 error; trials without an epoch last)."""
+    """The trials that started, best first (`ranked`)."""
     rows = []
     for result in grid:
         trial_id = result.metrics["trial_id"]
@@ -377,12 +384,20 @@ def _table(grid: ray.tune.ResultGrid, ledger: TrialLedger) -> tuple[TrialResult,
         rows.append(TrialResult(trial=trial_id, lr=float(config["lr"]), s_min=int(config["s_min"]),
                                 s_max=int(config["s_max"]), epochs=0 if epochs is None else len(epochs),
                                 top1_err=top1, top5_err=top5, best_epoch=best_epoch, outcome=outcome))
-    return tuple(sorted(rows, key=lambda row: (math.isnan(row.top1_err), row.top1_err, row.top5_err)))
+    return ranked(rows)
+
+
+def ranked(rows: Sequence[TrialResult]) -> tuple[TrialResult, ...]:
+    """Best first: lowest top-1, then top-5 error; last, trials without an epoch and trials that diverged (even after
+    good epochs: their lr is no candidate)."""
+    return tuple(sorted(rows, key=lambda row: (math.isnan(row.top1_err) or row.outcome == "diverged",
+                                               row.top1_err, row.top5_err)))
 
 
 def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResult:
-    """The best trial with at least one validated epoch; otherwise the reason none has one, as one line."""
-    if rows and not math.isnan(rows[0].top1_err):
+    """The best trial with at least one validated epoch that did not diverge; otherwise the reason none is, as one
+    line."""
+    if rows and not math.isnan(rows[0].top1_err) and rows[0].outcome != "diverged":
         return rows[0]
     errors = [result.error for result in grid if result.error is not None]
     for error in errors:
@@ -393,6 +408,10 @@ def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResu
         last_line = (str(errors[0]).strip().splitlines() or [type(errors[0]).__name__])[-1][:300]
         raise ClusterError(f"no trial finished an epoch; {len(errors)} of {len(rows)} failed (first: {last_line}); "
                            "see the Ray logs above")
+    diverged = [row.lr for row in rows if row.outcome == "diverged"]
+    if diverged:
+        raise ConfigError(f"--lr-range: no trial finished an epoch without diverging ({len(diverged)} of {len(rows)} "
+                          f"diverged, the lowest at lr {min(diverged):.4g}); lower the range")
     raise ConfigError(f"--time-budget: no trial finished an epoch in time ({len(rows)} started); raise it")
 
 

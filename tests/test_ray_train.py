@@ -18,7 +18,7 @@ import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -415,6 +415,8 @@ ERROR_CASES = {
     "more_workers_than_cpus": ("train.workers=5 needs 5 CPUs but the Ray cluster has 4",
                                {"workers": "5", "set": "train.batch_size=40"}),
     "mlflow_down": ("is not reachable", {"track": True}),
+    "diverges": ("training diverged in epoch 1 by optimizer step 8 (lr 100): ",
+                 {"set": "train.lr=100", "trains": True}),
     "ray_down": ("cannot connect to RAY_ADDRESS=", {"ray": "closed"}),
 }
 
@@ -430,8 +432,16 @@ def _vgg_in_process(argv: list[str], *, cwd: Path) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+class ErrorRun(NamedTuple):
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+    pid: int | None  # of the `vgg train` process; None: run in this process
+
+
 @pytest.fixture(scope="module")
-def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[str, tuple[Path, int, str, str]]:
+def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[str, ErrorRun]:
     """Every bad-input `vgg train`: the processes start at once, the in-process cases run while they import."""
     tmp = tmp_path_factory.mktemp("errors")
     profile = load_profile(tiny_params)
@@ -464,20 +474,28 @@ def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[
         started[name] = (cwd, subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True))
     for name, (cwd, command) in in_process.items():
-        results[name] = (cwd, *_vgg_in_process(command[1:], cwd=cwd))
+        results[name] = ErrorRun(cwd, *_vgg_in_process(command[1:], cwd=cwd), pid=None)
     for name, (cwd, process) in started.items():
         stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
-        results[name] = (cwd, process.returncode, stdout, stderr)
+        results[name] = ErrorRun(cwd, process.returncode, stdout, stderr, process.pid)
     return results
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)
 def test_bad_input_is_one_clear_line(error_runs, name):
-    cwd, returncode, stdout, stderr = error_runs[name]
+    cwd, returncode, stdout, stderr, _ = error_runs[name]
     expected = ERROR_CASES[name][0]
     lines = [line for line in stderr.splitlines() if line.strip()]
+    if ERROR_CASES[name][1].get("trains"):  # Ray's log lines and the progress bars come first
+        lines = lines[-1:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert returncode == 2, stderr[-3000:]
     assert len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert not (cwd / "model.pt").exists()
+
+
+def test_a_diverging_run_is_not_retried(error_runs, ray_cluster, tiny_params):
+    """It would diverge again at the same step: one worker group, not 1 + --max-failures (default 2) of them."""
+    workers = _train_workers(ray_cluster, driver_pid=error_runs["diverges"].pid)
+    assert len(workers) == load_profile(tiny_params).train.workers, [worker.state for worker in workers]

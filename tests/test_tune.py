@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.params import load_profile
-from pipelines.ray_tune import TrialResult, check_space, format_table, parse_sizes, plan_trials, tune
+from pipelines.ray_tune import TrialResult, _best, check_space, format_table, parse_sizes, plan_trials, ranked, tune
 from vgg.config import Profile, from_mapping
 from vgg.errors import ConfigError
 
@@ -97,6 +98,19 @@ def test_the_plan_is_seeded_and_inside_the_space(profile):
     assert min(t["lr"] for t in plan) < 1e-3 and max(t["lr"] for t in plan) > 1e-2  # log-uniform: every decade
 
 
+def test_a_trial_that_diverged_is_never_the_best_even_after_good_epochs():
+    good = TrialResult(trial="a", lr=0.01, s_min=40, s_max=64, epochs=2, top1_err=50.0, top5_err=10.0, best_epoch=2,
+                       outcome="completed")
+    diverged_late = dataclasses.replace(good, trial="b", lr=0.1, top1_err=40.0, outcome="diverged")
+    no_epoch = dataclasses.replace(good, trial="c", epochs=0, top1_err=math.nan, top5_err=math.nan, best_epoch=0,
+                                   outcome="stopped")
+    rows = ranked([no_epoch, diverged_late, good])
+    assert rows[0] == good and _best(rows, grid=[]) == good
+    with pytest.raises(ConfigError, match=r"^--lr-range: no trial finished an epoch without diverging \(1 of 2 "
+                                          r"diverged, the lowest at lr 0\.1\); lower the range$"):
+        _best(ranked([no_epoch, diverged_late]), grid=[])
+
+
 def test_size_lists_read_from_the_command_line():
     assert parse_sizes("40,48", option="--s-min") == (40, 48)
     assert parse_sizes("40:72:16, 44", option="--s-min") == (40, 44, 56, 72)
@@ -163,3 +177,35 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
         history = client.get_metric_history(child.info.run_id, "val/top1_err")
         assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
         assert min(m.value for m in history) == pytest.approx(row.top1_err)
+
+
+def test_a_diverging_trial_is_a_finding_of_the_search_not_an_error(
+    profile, tiny_params, tiny_shards, ray_token_auth, ray_cluster, mlflow_server, tmp_path
+):
+    """Every trial at lr >= 100 diverges in its first epoch: `vgg tune` says so in the table, in MLflow and in its
+    one error line (no overlay is written), without a trial error's traceback."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token",
+           "MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [str(Path(sys.executable).parent / "vgg"), "tune", "--params", str(tiny_params), "--config", "A",
+               "--shards", str(tiny_shards), "--lr-range", "100", "200", "--s-min", "40", "--s-max", "64",
+               "--trials", "1", "--max-epochs", "1", "--storage", "ray", "--out", "best.yaml"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TUNE_TIMEOUT_S)
+    space = check_space(profile, scale_key="jitter", lr_range=(100, 200), s_min_range=(40,), s_max_range=(64,),
+                        trials=1, max_epochs=1, time_budget_s=900)
+    (planned,) = plan_trials(space, trials=1, seed=profile.train.seed)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: --lr-range: no trial finished an epoch without diverging (1 of 1 diverged, the lowest at lr "
+        f"{planned['lr']:.4g}); lower the range")
+    assert "Traceback" not in run.stderr
+    (row,) = [line for line in run.stdout.splitlines() if line.endswith("  diverged")]
+    assert row.split()[1] == f"{planned['lr']:.4g}"
+    assert not (tmp_path / "best.yaml").exists()
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("vgg-tiny")
+    (child,) = client.search_runs([experiment.experiment_id],
+                                  filter_string="tags.stage = 'tune-trial' and tags.outcome = 'diverged'")
+    assert child.info.status == "FAILED"
+    assert float(child.data.tags["lr"]) == pytest.approx(planned["lr"], rel=1e-5)
+    assert client.get_run(child.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
