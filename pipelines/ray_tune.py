@@ -333,9 +333,12 @@ class TrialLedger(ray.tune.Callback):
             self.runs[trial.trial_id].log_metrics(metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        # `done` is set on the result Tune makes when the trial function returns, not on a result ASHA stopped at.
         last = trial.last_result or {}
-        self._finish(trial.trial_id, "diverged" if DIVERGED in last else "completed" if last.get("done") else "stopped")
+        if DIVERGED in last:
+            outcome = "diverged"
+        else:  # `done` is set on the result Tune makes when the trial function returns, not on one ASHA stopped at
+            outcome = "completed" if last.get("done") else "stopped"
+        self._finish(trial.trial_id, outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial.trial_id, "failed")
