@@ -150,7 +150,7 @@ def fit_trainer(
     train = job.profile.train
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": _job_to_dict(job), "progress": progress},
+        train_loop_config={"job": _job_to_dict(job), "name": name, "progress": progress},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -168,8 +168,18 @@ def fit_trainer(
     except Exception as error:  # Ray wraps worker errors
         raise _user_error(error) or error
     if isinstance(result.return_value, DivergenceError):
-        raise result.return_value
+        raise DivergenceError(f"{result.return_value} ({_lr_option(job)})")
     return result
+
+
+def _lr_option(job: TrainJob) -> str:
+    """Which option sets the lr of `job`, for a run that diverged (§3.1: fine-tuning uses the lower lr; deep nets
+    start from a trained A)."""
+    if job.init is not None and not job.warm_start:
+        return "train.fine_tune_lr: this run fine-tunes its own configuration"
+    if job.init is None and job.config in ("B", "C", "D", "E"):
+        return "train.lr, or warm-start from a trained A: --init, §3.1"
+    return "train.lr"
 
 
 def train(
@@ -315,8 +325,8 @@ def _train_worker(loop_config: dict[str, Any]) -> DivergenceError | None:
             resume = checkpoint.load(Path(directory) / CHECKPOINT_FILE, expect_config=job.config)
         if rank == 0:  # after a worker or driver crash: say where the run picks up
             state = resume["train"]
-            logger.warning(f"{job.run_name}: resuming from its checkpoint after optimizer step {state['global_step']} "
-                           f"(epoch {state['epoch'] + 1}, {state['step_in_epoch']} steps into it)")
+            logger.warning(f"{loop_config['name']}: resuming from its checkpoint after optimizer step "
+                           f"{state['global_step']} (epoch {state['epoch'] + 1}, {state['step_in_epoch']} steps into it)")
     elif job.init is not None:
         _initialise_from(model, job)
     precision.place(model, config=train, device=device)

@@ -310,6 +310,8 @@ class TrialLedger(ray.tune.Callback):
         self.configs: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
         self.runs: dict[str, TrackedRun] = {}
+        self.stopped: set[str] = set()  # by ASHA or the time budget
+        self.diverged: dict[str, str] = {}  # trial → the DivergenceError's line
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.configs:  # a restarted trial keeps its record and run
@@ -328,17 +330,25 @@ class TrialLedger(ray.tune.Callback):
         )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        # Tune marks a result `done` before callbacks see it when its scheduler or stopper stops the trial there;
+        # the result it makes when the trial function returns does not reach this callback.
+        if result.get("done"):
+            self.stopped.add(trial.trial_id)
+        if DIVERGED in result:
+            self.diverged[trial.trial_id] = result[DIVERGED]
         if trial.trial_id in self.runs and "epoch" in result:
             metrics = {key: result[key] for key in EPOCH_METRICS if key in result}
             self.runs[trial.trial_id].log_metrics(metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        if DIVERGED in last:
+        trial_id = trial.trial_id
+        if trial_id in self.diverged:
             outcome = "diverged"
-        else:  # `done` is set on the result Tune makes when the trial function returns, not on one ASHA stopped at
-            outcome = "completed" if last.get("done") else "stopped"
-        self._finish(trial.trial_id, outcome)
+        elif trial_id in self.stopped:
+            outcome = "stopped"
+        else:  # the trial function returned: `fit` ended the run itself
+            outcome = "completed"
+        self._finish(trial_id, outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial.trial_id, "failed")
@@ -352,6 +362,8 @@ class TrialLedger(ray.tune.Callback):
         run = self.runs.pop(trial_id, None)
         if run is not None:
             run.client.set_tag(run.run_id, "outcome", outcome)
+            if trial_id in self.diverged:
+                run.client.set_tag(run.run_id, DIVERGED, self.diverged[trial_id])
             run.finish("FAILED" if outcome in ("diverged", "failed") else "FINISHED")
 
 
@@ -393,8 +405,12 @@ def _table(grid: ray.tune.ResultGrid, ledger: TrialLedger) -> tuple[TrialResult,
 def ranked(rows: Sequence[TrialResult]) -> tuple[TrialResult, ...]:
     """Best first: lowest top-1, then top-5 error; last, trials without an epoch and trials that diverged (even after
     good epochs: their lr is no candidate)."""
-    return tuple(sorted(rows, key=lambda row: (math.isnan(row.top1_err) or row.outcome == "diverged",
-                                               row.top1_err, row.top5_err)))
+
+    def key(row: TrialResult) -> tuple[bool, float, float]:
+        unusable = math.isnan(row.top1_err) or row.outcome == "diverged"
+        return unusable, *(math.inf if math.isnan(error) else error for error in (row.top1_err, row.top5_err))
+
+    return tuple(sorted(rows, key=key))
 
 
 def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResult:
@@ -407,14 +423,18 @@ def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResu
         user_error = _user_error(error)
         if user_error is not None:
             raise user_error
+    diverged = [row.lr for row in rows if row.outcome == "diverged"]
     if errors:
         last_line = (str(errors[0]).strip().splitlines() or [type(errors[0]).__name__])[-1][:300]
-        raise ClusterError(f"no trial finished an epoch; {len(errors)} of {len(rows)} failed (first: {last_line}); "
-                           "see the Ray logs above")
-    diverged = [row.lr for row in rows if row.outcome == "diverged"]
+        also = f", {len(diverged)} diverged" if diverged else ""
+        raise ClusterError(f"no trial has a usable epoch: {len(errors)} of {len(rows)} failed{also} (first failure: "
+                           f"{last_line}); see the Ray logs above")
+    if diverged and len(diverged) == len(rows):
+        raise ConfigError(f"--lr-range: every trial diverged, the lowest at lr {min(diverged):.4g}; lower the range")
     if diverged:
-        raise ConfigError(f"--lr-range: no trial finished an epoch without diverging ({len(diverged)} of {len(rows)} "
-                          f"diverged, the lowest at lr {min(diverged):.4g}); lower the range")
+        raise ConfigError(f"--lr-range, --time-budget: {len(diverged)} of {len(rows)} trials diverged (the lowest at "
+                          f"lr {min(diverged):.4g}) and the others finished no epoch in time; lower the range or "
+                          "raise the budget")
     raise ConfigError(f"--time-budget: no trial finished an epoch in time ({len(rows)} started); raise it")
 
 

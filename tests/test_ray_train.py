@@ -30,7 +30,7 @@ from ray.util.state import list_actors, list_jobs
 from pipelines import cli
 from pipelines.cluster import AUTH_ENV
 from pipelines.params import load_profile
-from pipelines.ray_train import TrainJob, _initialise_from, check_job, run
+from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_job, run
 from pipelines.tracking import RESUME_TAG, flatten
 from tests.conftest import free_port
 from vgg.config import Profile
@@ -499,3 +499,20 @@ def test_a_diverging_run_is_not_retried(error_runs, ray_cluster, tiny_params):
     """It would diverge again at the same step: one worker group, not 1 + --max-failures (default 2) of them."""
     workers = _train_workers(ray_cluster, driver_pid=error_runs["diverges"].pid)
     assert len(workers) == load_profile(tiny_params).train.workers, [worker.state for worker in workers]
+    assert error_runs["diverges"].stderr.rstrip().endswith("was written from these weights. Lower the learning "
+                                                           "rate (train.lr)")
+
+
+def test_a_divergence_names_the_option_that_set_the_lr(tiny_params, tiny_shards, tmp_path):
+    profile = load_profile(tiny_params)
+    inits = {}
+    for config in ("A", "D"):
+        inits[config] = tmp_path / f"{config}.pt"
+        header = checkpoint.header(config=config, profile=profile, scale=profile.scale("low"))
+        model = from_config(config, profile.model, generator=torch.Generator().manual_seed(0))
+        checkpoint.save(inits[config], checkpoint.final({**header, "model": model.state_dict()}))
+    cases = {("A", None): "train.lr", ("D", None): "train.lr, or warm-start from a trained A: --init, §3.1",
+             ("D", "A"): "train.lr", ("D", "D"): "train.fine_tune_lr: this run fine-tunes its own configuration"}
+    for (config, init), option in cases.items():
+        job = _job(profile, tiny_shards, config=config, scale="high", init=inits.get(init), tmp=tmp_path)
+        assert _lr_option(job) == option, (config, init)

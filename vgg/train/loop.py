@@ -306,7 +306,7 @@ def _check_finite(core: nn.Module, loss_sum: float, *, epoch: int, step: int, lr
     problem = f"the training loss is {loss_sum:g}" if not math.isfinite(loss_sum) else "some weights are not finite"
     raise DivergenceError(
         f"training diverged in epoch {epoch + 1} by optimizer step {step} (lr {lr:g}): {problem}; no checkpoint "
-        "was written from these weights. Lower train.lr, or start from a trained model (--init, §3.1)"
+        "was written from these weights. Lower the learning rate"
     )
 
 
