@@ -310,7 +310,7 @@ class TrialLedger(ray.tune.Callback):
         self.configs: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
         self.runs: dict[str, TrackedRun] = {}
-        self.stopped: set[str] = set()  # by ASHA or the time budget
+        self.stopped: set[str] = set()  # by ASHA, at one of its results
         self.diverged: dict[str, str] = {}  # trial → the DivergenceError's line
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -330,8 +330,8 @@ class TrialLedger(ray.tune.Callback):
         )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        # Tune marks a result `done` before callbacks see it when its scheduler or stopper stops the trial there;
-        # the result it makes when the trial function returns does not reach this callback.
+        # Tune marks a result `done` before callbacks see it when its scheduler (ASHA) stops the trial there; the
+        # last result, which Tune marks `done` when the trial function returns, does not come through here again.
         if result.get("done"):
             self.stopped.add(trial.trial_id)
         if DIVERGED in result:
@@ -344,10 +344,10 @@ class TrialLedger(ray.tune.Callback):
         trial_id = trial.trial_id
         if trial_id in self.diverged:
             outcome = "diverged"
-        elif trial_id in self.stopped:
-            outcome = "stopped"
-        else:  # the trial function returned: `fit` ended the run itself
-            outcome = "completed"
+        elif (trial.last_result or {}).get("done") and trial_id not in self.stopped:
+            outcome = "completed"  # the trial function returned: `fit` ended the run itself
+        else:
+            outcome = "stopped"  # by ASHA, or by the time budget (which marks no result `done`)
         self._finish(trial_id, outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

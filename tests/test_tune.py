@@ -215,3 +215,30 @@ def test_a_diverging_trial_is_a_finding_of_the_search_not_an_error(
     assert child.data.tags["diverged"].startswith("training diverged in epoch 1 by optimizer step 8 (lr ")
     assert float(child.data.tags["lr"]) == pytest.approx(planned["lr"], rel=1e-5)
     assert client.get_run(child.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+def test_the_ledger_tells_completed_from_stopped_and_diverged_trials(profile, tiny_shards, tmp_path):
+    """The callback's reading of what Tune (2.60, tune_controller.py) hands it, one trial per way to end: the
+    function returns (Tune then marks its last result `done`, without a callback); ASHA stops it at a result (marked
+    `done` before callbacks see it); the time budget stops it (no result marked); it diverges (its last result)."""
+    from types import SimpleNamespace
+
+    from pipelines.ray_train import TrainJob
+    from pipelines.ray_tune import DIVERGED, METRIC, TrialLedger
+
+    base = TrainJob(profile=profile, config="A", scale="jitter", init=None, shards=tiny_shards, out=tmp_path / "m.pt",
+                    storage=tmp_path / "ray", max_failures=0)
+    ledger = TrialLedger(parent=None, base=base)
+    epoch = {"epoch": 1.0, METRIC: 50.0, "done": False}
+    endings = {"returned": [epoch, {**epoch, "epoch": 2.0}], "asha": [{**epoch, "done": True}], "budget": [epoch],
+               "diverged": [epoch, {METRIC: math.nan, DIVERGED: "training diverged in epoch 2", "done": False}]}
+    for name, results in endings.items():
+        trial = SimpleNamespace(trial_id=name, config={"lr": 0.01, "s_min": 40, "s_max": 64}, last_result={})
+        ledger.on_trial_start(0, [], trial)
+        for result in results:
+            ledger.on_trial_result(0, [], trial, dict(result))
+            trial.last_result = dict(result)
+        if name in ("returned", "diverged"):
+            trial.last_result["done"] = True
+        ledger.on_trial_complete(0, [], trial)
+    assert ledger.outcomes == {"returned": "completed", "asha": "stopped", "budget": "stopped", "diverged": "diverged"}
