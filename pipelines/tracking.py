@@ -8,6 +8,8 @@ of workers — or workers restarted after a failure — is exactly one MLflow ru
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -20,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from vgg.errors import VGGError
 
@@ -88,6 +90,21 @@ def metric_name(key: str) -> str:
 _METRIC_NAME_FORBIDDEN = re.compile(r"[^\w\-.:/ ]")
 
 
+@contextlib.contextmanager
+def _one_creator(uri: str) -> Iterator[None]:
+    """Serialise the opening of a SQLite store across processes (two `vgg` commands started together): MLflow
+    creates and migrates a store's tables on opening it, and two processes doing that on one new file fail with a
+    traceback (as two creating one experiment would). The lock is flock(2) on the database file itself, which
+    SQLite's own byte-range locks ignore."""
+    path = uri.removeprefix("sqlite:///")
+    if path == uri or path == ":memory:":
+        yield
+        return
+    with open(path, "ab") as database:  # an empty file is an empty SQLite database
+        fcntl.flock(database, fcntl.LOCK_EX)
+        yield
+
+
 class TrackedRun:
     """One MLflow run, written through an explicit client (no global "active run" state)."""
 
@@ -110,10 +127,11 @@ class TrackedRun:
 
         self.uri = uri
         self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=uri)
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            with _one_creator(uri):
+                self.client = MlflowClient(tracking_uri=uri)  # creates a SQLite store's tables
+                found = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
             all_tags = dict(tags)
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id

@@ -71,6 +71,24 @@ def test_default_store_is_a_sqlite_file_in_the_project(tmp_path, monkeypatch):
     assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
+def test_commands_started_together_share_a_new_sqlite_store(tmp_path):
+    # Three processes open the same new default store at once, each logging a run in the same new experiment
+    # (`vgg train` and `vgg tune` started together in a fresh project): MLflow creates the store's tables and the
+    # experiment on first use, which without the lock fails in all but one of them with a traceback.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = ("import sys; from pipelines.tracking import TrackedRun; "
+              f"TrackedRun(uri={uri!r}, experiment='vgg-new', run_name=sys.argv[1], tags={{}}, params={{}})")
+    processes = [subprocess.Popen([sys.executable, "-c", script, f"run-{i}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "vgg-new"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["run-0", "run-1", "run-2"]
+
+
 def test_flatten_gives_dotted_names():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": "1", "a.c.d": "x", "e": "None"}
 
