@@ -74,14 +74,18 @@ def _on_ray(request: Request, *, gpu: bool) -> tuple[Posteriors, ...]:
     """`posteriors(request)` as one Ray task: on one GPU (and `decode_threads` CPUs) when `gpu`, else one CPU."""
     import ray
 
-    from pipelines.ray_train import ClusterError, _user_error, connect
+    from pipelines.ray_train import ClusterError, _user_error, connect, placeable
 
     connect()
+    cpus = max(1, request.decode_threads) if gpu else 1
     if gpu and ray.cluster_resources().get("GPU", 0.0) < 1:
         raise ClusterError("eval.device=ray on a GPU profile needs a GPU but the Ray cluster has none; add a GPU "
                            "node, or evaluate on this machine with --device auto")
-    task = ray.remote(posteriors).options(num_gpus=1 if gpu else 0,
-                                           num_cpus=max(1, request.decode_threads) if gpu else 1)
+    if gpu and placeable({"GPU": 1.0, "CPU": cpus}) < 1:
+        raise ClusterError(f"eval.device=ray on a GPU profile needs a node with a GPU and {cpus} CPUs (its decode "
+                           f"threads: data.loader_workers) but no GPU node of the Ray cluster has {cpus} CPUs; lower "
+                           "data.loader_workers, or evaluate on this machine with --device auto")
+    task = ray.remote(posteriors).options(num_gpus=1 if gpu else 0, num_cpus=cpus)
     try:
         return ray.get(task.remote(request, "cuda" if gpu else "cpu"))
     except Exception as error:  # Ray wraps a task's exception

@@ -270,6 +270,14 @@ def _probe_gcs(address: str, *, where: str, hint: str) -> None:
         raise ClusterError(f"cannot connect to {where} (nothing answers at {host}:{port}: {reason}); {hint}") from None
 
 
+def placeable(bundle: dict[str, float]) -> int:
+    """How many of `bundle` (e.g. {"CPU": 1, "GPU": 1}) the live nodes of the Ray cluster hold at once. Ray puts a
+    task, actor or worker on one node, so the cluster's totals overstate it (a GPU on a node with no CPU to spare
+    takes no GPU worker), and a request no node can hold waits forever rather than failing."""
+    return sum(min(int(node["Resources"].get(name, 0.0) // amount) for name, amount in bundle.items() if amount > 0)
+               for node in ray.nodes() if node["Alive"])
+
+
 def _worker_resources(*, workers: int, use_gpu: bool) -> dict[str, float]:
     """Per-worker resources, after checking the cluster can place them (otherwise Ray would wait forever).
 
@@ -278,13 +286,15 @@ def _worker_resources(*, workers: int, use_gpu: bool) -> dict[str, float]:
     worker per node.
     """
     if use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        if gpus < workers:
+        worker = {"CPU": 1.0, "GPU": 1.0}
+        fits = placeable(worker)
+        if fits < workers:
+            gpus = ray.cluster_resources().get("GPU", 0.0)
             raise ClusterError(
-                f"train.workers={workers} with use_gpu needs {workers} GPUs but the Ray cluster has {gpus:g}; "
-                "lower --workers or add GPU nodes"
+                f"train.workers={workers} with use_gpu needs {workers} GPUs, each with a CPU on its node, but the Ray "
+                f"cluster can place {fits} (it has {gpus:g} GPUs); lower --workers or add GPU nodes"
             )
-        return {"CPU": 1.0, "GPU": 1.0}
+        return worker
     node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
     if sum(node_cpus) < workers:
         raise ClusterError(

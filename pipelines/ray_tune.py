@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.ray_train import (ClusterError, TrainJob, _job_from_dict, _job_to_dict, _user_error, check_job,
-                                 connect, fit_trainer)
+                                 connect, fit_trainer, placeable)
 from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
 from vgg.config import Profile, ScaleRange
 from vgg.errors import ConfigError, DivergenceError
@@ -298,6 +298,13 @@ def _check_capacity(profile: Profile) -> None:
                 f"one trial with train.workers={train.workers} needs {need:g} {resource} but the Ray cluster has "
                 f"{available.get(resource, 0.0):g}; lower train.workers or add nodes"
             )
+    fits = placeable(worker)
+    if fits < train.workers:
+        raise ClusterError(
+            f"one trial with train.workers={train.workers} needs {train.workers} workers, each with "
+            f"{' and '.join(f'{amount:g} {name}' for name, amount in worker.items())} on one node, but the nodes of "
+            f"the Ray cluster can place {fits}; lower train.workers or add nodes"
+        )
 
 
 class TrialLedger(ray.tune.Callback):

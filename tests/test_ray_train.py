@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_jobs
 
 from pipelines import cli
-from pipelines.cluster import AUTH_ENV
+from pipelines.cluster import AUTH_ENV, start, stop
 from pipelines.params import load_profile
 from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_job, run
 from pipelines.tracking import RESUME_TAG, flatten
@@ -175,6 +175,42 @@ def test_vgg_evaluate_runs_as_one_ray_task_where_the_profile_says(trained_a, ray
         "error: eval.device=ray on a GPU profile needs a GPU but the Ray cluster has none; add a GPU node, or "
         "evaluate on this machine with --device auto")
     assert not (tmp_path / "gpu.npz").exists()
+
+
+def test_a_gpu_no_node_can_host_is_one_line_not_a_wait(trained_a, ray_cluster, tiny_params, tiny_shards, tmp_path):
+    """Ray places a task, worker or trial's worker on one node: a GPU whose node has no CPU to spare can host none,
+    and asking for it would wait forever. Joined for this test only: a node with one (logical) GPU and no CPU."""
+    node = start(["--address", ray_cluster["address"], "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
+                  "--num-gpus", "1"], tmp_path / "gpu-node.log")
+    try:
+        gpu = ("--set", "train.use_gpu=true")
+        commands = {
+            "evaluate": [str(VGG), "evaluate", str(trained_a.out), "--params", str(tiny_params), "--shards",
+                         str(tiny_shards), "--mode", "dense", "--scales", "single", "--out", "gpu.npz", "--set",
+                         "eval.device=ray", *gpu],
+            "train": _train_command(tiny_params, tiny_shards, config="A", scale="low", out="gpu.pt", extra=gpu),
+            "tune": [str(VGG), "tune", "--params", str(tiny_params), "--config", "A", "--shards", str(tiny_shards),
+                     "--trials", "1", "--max-epochs", "1", "--storage", "ray", "--out", "best.yaml", *gpu],
+        }
+        runs = {name: subprocess.Popen(command, cwd=tmp_path, env=_env(ray_cluster), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) for name, command in commands.items()}
+        lines = {}
+        for name, process in runs.items():
+            _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+            assert process.returncode == 2, stderr[-3000:]
+            lines[name] = stderr.strip().splitlines()[-1]
+    finally:
+        stop(node)
+    assert lines == {
+        "evaluate": "error: eval.device=ray on a GPU profile needs a node with a GPU and 1 CPUs (its decode threads: "
+                    "data.loader_workers) but no GPU node of the Ray cluster has 1 CPUs; lower data.loader_workers, "
+                    "or evaluate on this machine with --device auto",
+        "train": "error: train.workers=1 with use_gpu needs 1 GPUs, each with a CPU on its node, but the Ray cluster "
+                 "can place 0 (it has 1 GPUs); lower --workers or add GPU nodes",
+        "tune": "error: one trial with train.workers=1 needs 1 workers, each with 1 CPU and 1 GPU on one node, but the "
+                "nodes of the Ray cluster can place 0; lower train.workers or add nodes",
+    }
+    assert not any((tmp_path / name).exists() for name in ("gpu.npz", "gpu.pt", "best.yaml"))
 
 
 def _epochs(trained_a: TrainedA) -> int:
