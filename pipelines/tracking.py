@@ -91,17 +91,28 @@ _METRIC_NAME_FORBIDDEN = re.compile(r"[^\w\-.:/ ]")
 
 
 @contextlib.contextmanager
-def _one_creator(uri: str) -> Iterator[None]:
+def _one_opener(uri: str) -> Iterator[None]:
     """Serialise the opening of a SQLite store across processes (two `vgg` commands started together): MLflow
     creates and migrates a store's tables on opening it, and two processes doing that on one new file fail with a
-    traceback (as two creating one experiment would). The lock is flock(2) on the database file itself, which
-    SQLite's own byte-range locks ignore."""
+    traceback (as two creating one experiment would).
+
+    The lock is flock(2) on the store's directory, not on the database file: closing any descriptor of that file
+    would also drop the fcntl locks SQLite holds on it in this process. The directory is made first, as MLflow would
+    make it. Where it cannot be made or locked (some network file systems) the store opens unlocked, as MLflow alone
+    opens it, and says what is wrong if it cannot open either."""
     path = uri.removeprefix("sqlite:///")
     if path == uri or path == ":memory:":
         yield
         return
-    with open(path, "ab") as database:  # an empty file is an empty SQLite database
-        fcntl.flock(database, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as unlock:
+        try:
+            parent = Path(path).absolute().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            directory = os.open(parent, os.O_RDONLY)
+            unlock.callback(os.close, directory)
+            fcntl.flock(directory, fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
 
 
@@ -128,7 +139,7 @@ class TrackedRun:
         self.uri = uri
         self._mlflow = mlflow
         try:
-            with _one_creator(uri):
+            with _one_opener(uri):
                 self.client = MlflowClient(tracking_uri=uri)  # creates a SQLite store's tables
                 found = self.client.get_experiment_by_name(experiment)
                 self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)

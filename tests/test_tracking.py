@@ -72,10 +72,10 @@ def test_default_store_is_a_sqlite_file_in_the_project(tmp_path, monkeypatch):
 
 
 def test_commands_started_together_share_a_new_sqlite_store(tmp_path):
-    # Three processes open the same new default store at once, each logging a run in the same new experiment
-    # (`vgg train` and `vgg tune` started together in a fresh project): MLflow creates the store's tables and the
-    # experiment on first use, which without the lock fails in all but one of them with a traceback.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Three processes open the same new store (in a directory not made yet) at once, each logging a run in the same
+    # new experiment (`vgg train` and `vgg tune` started together in a fresh project): MLflow creates the store's
+    # tables and the experiment on first use, which without the lock fails in all but one of them with a traceback.
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     script = ("import sys; from pipelines.tracking import TrackedRun; "
               f"TrackedRun(uri={uri!r}, experiment='vgg-new', run_name=sys.argv[1], tags={{}}, params={{}})")
     processes = [subprocess.Popen([sys.executable, "-c", script, f"run-{i}"], stdout=subprocess.PIPE,
