@@ -182,6 +182,7 @@ def test_a_gpu_no_node_can_host_is_one_line_not_a_wait(trained_a, ray_cluster, t
     and asking for it would wait forever. Joined for this test only: a node with one (logical) GPU and no CPU."""
     node = start(["--address", ray_cluster["address"], "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
                   "--num-gpus", "1"], tmp_path / "gpu-node.log")
+    runs: dict[str, subprocess.Popen] = {}
     try:
         gpu = ("--set", "train.use_gpu=true")
         commands = {
@@ -200,6 +201,10 @@ def test_a_gpu_no_node_can_host_is_one_line_not_a_wait(trained_a, ray_cluster, t
             assert process.returncode == 2, stderr[-3000:]
             lines[name] = stderr.strip().splitlines()[-1]
     finally:
+        for process in runs.values():  # a command that failed the test above may still be running (or waiting)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         stop(node)
     assert lines == {
         "evaluate": "error: eval.device=ray on a GPU profile needs a node with a GPU and 1 CPUs (its decode threads: "
