@@ -80,8 +80,8 @@ def test_commands_started_together_share_a_new_sqlite_store(tmp_path):
               f"TrackedRun(uri={uri!r}, experiment='vgg-new', run_name=sys.argv[1], tags={{}}, params={{}})")
     processes = [subprocess.Popen([sys.executable, "-c", script, f"run-{i}"], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for i in range(3)]
-    for process in processes:
-        output, _ = process.communicate(timeout=120)
+    outputs = [process.communicate(timeout=120)[0] for process in processes]  # all ended before any assertion
+    for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-2000:]
     client = MlflowClient(tracking_uri=uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "vgg-new"]
