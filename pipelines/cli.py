@@ -1,10 +1,13 @@
 """The `vgg` command line. Each command reads the profile, calls one function of the `vgg` library (or a driver in
-`pipelines/`), and prints what it did. Any `VGGError` becomes one line, `error: ...`, and exit status 2."""
+`pipelines/`), and prints what it did. Any `VGGError` becomes one line, `error: ...`, and exit status 2; Ctrl-C
+and SIGTERM end a command through its clean-up (clusters it started stopped, MLflow runs marked killed) with one
+line and status 130 or 143."""
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -14,7 +17,7 @@ import typer
 
 from pipelines.params import DEFAULT_PARAMS, load_profile
 from vgg.config import Profile
-from vgg.errors import ConfigError, VGGError
+from vgg.errors import ConfigError, Interrupted, VGGError
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +33,7 @@ ProfileOption = Annotated[
 SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", help="override a profile key, e.g. --set train.lr=0.02 (repeatable)")
 ]
+
 
 
 @app.callback()
@@ -289,13 +293,23 @@ def demo() -> None:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
         def repro(*targets: str) -> None:
-            if subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro", *targets], env=env).returncode:
+            # In a process group of its own, so that an interrupt reaches dvc and its stage together, as SIGINT
+            # (dvc releases its stage locks on it; the stage's `vgg` ends through its clean-up) — also when this
+            # process got SIGTERM — and none of them outlives this command.
+            process = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro", *targets], env=env,
+                                       start_new_session=True)
+            try:
+                code = process.wait()
+            except BaseException:
+                _interrupt_group(process)
+                raise
+            if code:
                 raise ConfigError("dvc repro failed (see the stage output above); fix it and run `make demo` again")
 
         if not env.get("RAY_ADDRESS"):
             from concurrent.futures import ThreadPoolExecutor
 
-            from pipelines.cluster import AUTH_ENV, local_cluster
+            from pipelines.cluster import local_cluster
 
             # One local Ray for every training stage, instead of starting (and stopping) Ray in each of them. It
             # starts (~11 s on 2 cores) while dvc makes the data, which needs no Ray.
@@ -303,8 +317,8 @@ def demo() -> None:
             starting = stack.enter_context(ThreadPoolExecutor(max_workers=1)).submit(cluster.__enter__)
             stack.callback(lambda: starting.exception() is None and cluster.__exit__(None, None, None))
             repro("ingest")  # and what it depends on
-            env.update(AUTH_ENV, RAY_ADDRESS=starting.result().address,
-                       RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",  # one more actor per stage; no preemption here
+            env = starting.result().client_env(env)
+            env.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",  # one more actor per stage; no preemption here
                        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # (default 2 s) a run's end is seen ~1 s sooner
         repro()
     report = Path("reports") / resolved.name / "report.md"
@@ -312,6 +326,23 @@ def demo() -> None:
     typer.echo(f"protocol ({resolved.name} profile) up to date after {time.monotonic() - started:.0f} s")
     typer.echo(f"report: {report}; plots: {report.parent}/*.png; metrics: dvc metrics show")
     typer.echo("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
+
+
+def _interrupt_group(process, grace_s: float = 120.0) -> None:
+    """SIGINT to `process`'s group, then SIGKILL to what is left of it after `grace_s` (a training stage stops its
+    Ray run and marks its MLflow run in a few seconds)."""
+    import subprocess
+
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _print_tree(tree: dict, indent: int = 0) -> None:
@@ -325,7 +356,13 @@ def _print_tree(tree: dict, indent: int = 0) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     exit_now(run_command())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def run_command() -> int:
@@ -339,6 +376,11 @@ def run_command() -> int:
         if isinstance(exit_.code, str):
             typer.echo(exit_.code, err=True)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Interrupted as interrupt:
+        sig = signal.Signals(interrupt.signum)
+        typer.echo(f"error: interrupted ({sig.name}); what was already written is kept (`vgg train` and `vgg demo` "
+                   "resume from it when run again)", err=True)
+        return 128 + sig
     return 0
 
 

@@ -1,28 +1,76 @@
-"""A local Ray cluster owned by one caller: `ray start` on 127.0.0.1, stopped by its own process group.
+"""The one home of Ray's connection: join the cluster in RAY_ADDRESS, or start a local Ray this process owns; the
+placement checks; what a Ray error means to the user.
 
-`vgg demo` runs every training stage of `dvc repro` against one such head instead of starting Ray per stage, and
-the tests build their two-node cluster from the same pieces. Never `ray stop`: it stops every Ray on the machine.
+Token authentication stays on (Ray 2.60's default), and nothing is written to the user's home: every Ray this
+project starts gets a fresh token in its own temporary directory, handed to its clients through Ray's documented
+settings (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`). A user's own token-protected cluster is joined with the
+user's settings (`RAY_ADDRESS`, `RAY_AUTH_MODE=token` and the token: `RAY_AUTH_TOKEN_PATH`, `RAY_AUTH_TOKEN` or
+`~/.ray/auth_token`). Clusters started here are stopped by their own process groups, never by `ray stop` (which
+stops every Ray on the machine).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from vgg.errors import VGGError
 
 RAY = Path(sys.executable).with_name("ray")
-AUTH_ENV = {"RAY_AUTH_MODE": "token"}  # what a client of these clusters needs in its environment
+TOKEN_FILE = "auth_token"
+# glibc malloc tuning for CPU training processes (the step is ~1.2-1.5x faster on a 2-core AVX2 host:
+# benchmarks/train_step.py).
+WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+GCS_PROBE_TIMEOUT_S = 5.0  # a closed or filtered GCS port fails here, not after ray.init's ~20 s of retries
+JOIN_HINT = ("start the cluster (`ray start --head`), fix the address, and for a cluster with token authentication "
+             "set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN_PATH=<file> or RAY_AUTH_TOKEN); or unset "
+             "RAY_ADDRESS to run on a local Ray")
+
+
+class ClusterError(VGGError):
+    """The Ray cluster cannot be reached or cannot host the requested work."""
+
+
+def token_env(token: Path) -> dict[str, str]:
+    """What a client of a cluster started here needs in its environment, set before it imports Ray (Ray reads
+    RAY_AUTH_MODE once, when it is imported)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def client_env(base: Mapping[str, str], *, address: str, token: Path) -> dict[str, str]:
+    """`base` with this cluster's address and token; a RAY_AUTH_TOKEN value there would win over the file."""
+    env = {key: value for key, value in base.items() if key != "RAY_AUTH_TOKEN"}
+    return {**env, "RAY_ADDRESS": address, **token_env(token)}
+
+
+def write_token(directory: Path) -> Path:
+    """A fresh token (256 random bits, as `ray get-auth-token --generate` makes) in `directory`, readable by this
+    user only."""
+    path = directory / TOKEN_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_hex(32))
+    return path
+
+
+def temp_dir() -> Path:
+    """A private directory for one Ray's session files and token. Short (under /tmp, not $TMPDIR): Ray's socket
+    paths have a length limit."""
+    return Path(tempfile.mkdtemp(prefix="vgg-ray-", dir="/tmp"))
 
 
 @dataclass(frozen=True)
@@ -30,7 +78,11 @@ class LocalCluster:
     address: str  # GCS address for RAY_ADDRESS, 127.0.0.1:PORT
     dashboard: str  # job server / dashboard URL (`ray job submit --address`)
     temp: Path  # Ray's session files
+    token: Path  # the cluster's token file (RAY_AUTH_TOKEN_PATH for its clients)
     groups: tuple[int, ...]  # process groups of the `ray start` calls
+
+    def client_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        return client_env(base, address=self.address, token=self.token)
 
 
 def free_port() -> int:
@@ -39,23 +91,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: list[str], log: Path) -> int:
-    """Run `ray start ARGS` in a new session; returns the process group its daemons live in."""
+def start(args: list[str], log: Path, *, token: Path) -> int:
+    """Run `ray start ARGS` in a new session with `token`; returns the process group its daemons live in."""
     # Jobs submitted to the cluster inherit this PATH: put this environment's `vgg` and `dvc` on it.
-    # Token authentication, explicitly: Ray 2.60 turns it on for a head whenever ~/.ray/auth_token exists, and a
-    # joining node (or client) then needs RAY_AUTH_MODE=token too; clients use AUTH_ENV.
-    env = {**os.environ, **AUTH_ENV, "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**client_env(os.environ, address="", token=token), "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    del env["RAY_ADDRESS"]
     for attempt in (1, 2):  # on a loaded machine a daemon can miss one of Ray's start-up deadlines: retry once
         with open(log, "w") as output:
             process = subprocess.Popen([str(RAY), "start", *args, "--disable-usage-stats"], stdout=output,
                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            code = process.wait(timeout=180)
+            try:
+                code = process.wait(timeout=180)
+            except BaseException:  # interrupted: what it started so far must not outlive us
+                stop(process.pid)
+                raise
         if code == 0:
             return process.pid
         stop(process.pid)
     reason = next((line for line in reversed(log.read_text().splitlines()) if "Error" in line), f"exit {code}")
-    raise VGGError(f"`ray start` failed twice: {reason.strip()[:300]}")
+    raise ClusterError(f"`ray start` failed twice: {reason.strip()[:300]}")
 
 
 def stop(group: int) -> None:
@@ -78,22 +133,119 @@ def stop(group: int) -> None:
 
 
 @contextlib.contextmanager
-def local_cluster(*, nodes: int = 1, cpus_per_node: int | None = None) -> Iterator[LocalCluster]:
-    """A head (and `nodes - 1` joined nodes) on 127.0.0.1 for the duration of the block."""
-    temp = Path(tempfile.mkdtemp(prefix="vgg-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    cpus = str(cpus_per_node or os.cpu_count() or 1)
-    port, dashboard = free_port(), free_port()
+def local_cluster(*, nodes: int = 1, cpus_per_node: int | None = None, token: Path | None = None
+                  ) -> Iterator[LocalCluster]:
+    """A head (and `nodes - 1` joined nodes) on 127.0.0.1 for the duration of the block, with `token` (default: a
+    fresh one in the cluster's temporary directory, deleted with it)."""
+    temp = temp_dir()
     groups: list[int] = []
     try:
+        token = token or write_token(temp)
+        cpus = str(cpus_per_node or os.cpu_count() or 1)
+        port, dashboard = free_port(), free_port()
         groups.append(start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host",
                              "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", cpus,
-                             "--temp-dir", str(temp)], temp / "head.log"))
+                             "--temp-dir", str(temp)], temp / "head.log", token=token))
         for node in range(1, nodes):
             groups.append(start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                 "--num-cpus", cpus], temp / f"node-{node}.log"))
+                                 "--num-cpus", cpus], temp / f"node-{node}.log", token=token))
         yield LocalCluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard}", temp=temp,
-                           groups=tuple(groups))
+                           token=token, groups=tuple(groups))
     finally:
         for group in reversed(groups):
             stop(group)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def connect() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray owned by this process (stopped when it exits); one
+    clear line when the address is unreachable or refuses us."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    env = dict(WORKER_ENV)
+    options: dict = {}
+    if address:
+        where = f"RAY_ADDRESS={address}"
+        _probe_gcs(address, where=where)
+        # Ray Train's placement-group cleaner asks the state API for "the" cluster; with several Ray instances on one
+        # machine it finds them all and dies unless RAY_ADDRESS names this one in the actors' environment too.
+        env["RAY_ADDRESS"] = address
+    else:
+        where = "a local Ray instance"
+        options["_temp_dir"] = str(_local_ray_dir())
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING", **options)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
+        reason = str(error).splitlines()[0][:200]
+        if "auth" in repr(error).lower() or "auth" in repr(error.__cause__).lower():
+            reason = "the cluster refused this client's authentication token"
+        raise ClusterError(f"cannot connect to {where} ({reason}); {JOIN_HINT}") from None
+    finally:
+        # ray.init replaces the SIGTERM handler with `sys.exit` (and a local node with one that kills its processes
+        # and exits): the caller's handler (`vgg`'s raises an interrupt) is the one that runs the clean-up.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _local_ray_dir() -> Path:
+    """The session directory of the local Ray that `connect` starts: private, with a fresh token unless the
+    environment already names one; deleted at exit, after Ray's own shutdown (atexit runs handlers last-in,
+    first-out, and `ray.init` registers its shutdown after this)."""
+    directory = temp_dir()
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        # Ray reads these when it starts a local cluster; with neither set it would write ~/.ray/auth_token.
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(write_token(directory))
+    # Ray announces that it turned token authentication on for a new local cluster: that is what we want.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    return directory
+
+
+def _probe_gcs(address: str, *, where: str) -> None:
+    """Fail fast on a GCS address nobody listens on (`host:port`, or `ray://host:port` for Ray Client)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: ray.init resolves them
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ClusterError(f"cannot connect to {where} (nothing answers at {host}:{port}: {reason}); {JOIN_HINT}"
+                           ) from None
+
+
+def placeable(bundle: dict[str, float]) -> int:
+    """How many of `bundle` (e.g. {"CPU": 1, "GPU": 1}) the live nodes of the Ray cluster hold at once. Ray puts a
+    task, actor or worker on one node, so the cluster's totals overstate it (a GPU on a node with no CPU to spare
+    takes no GPU worker), and a request no node can hold waits forever rather than failing."""
+    import ray
+
+    return sum(min(int(node["Resources"].get(name, 0.0) // amount) for name, amount in bundle.items() if amount > 0)
+               for node in ray.nodes() if node["Alive"])
+
+
+def user_error(error: BaseException) -> VGGError | None:
+    """The VGGError a worker or task raised, if that is what ended the run (Ray re-raises it wrapped)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, VGGError):
+            return type(current)(str(current))
+        for attribute in ("cause", "__cause__", "__context__"):
+            nested = getattr(current, attribute, None)
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+        for nested in getattr(current, "worker_failures", {}).values() if hasattr(current, "worker_failures") else ():
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+    return None

@@ -74,7 +74,7 @@ def _on_ray(request: Request, *, gpu: bool) -> tuple[Posteriors, ...]:
     """`posteriors(request)` as one Ray task: on one GPU (and `decode_threads` CPUs) when `gpu`, else one CPU."""
     import ray
 
-    from pipelines.ray_train import ClusterError, _user_error, connect, placeable
+    from pipelines.cluster import ClusterError, connect, placeable, user_error
 
     connect()
     cpus = max(1, request.decode_threads) if gpu else 1
@@ -89,4 +89,4 @@ def _on_ray(request: Request, *, gpu: bool) -> tuple[Posteriors, ...]:
     try:
         return ray.get(task.remote(request, "cuda" if gpu else "cpu"))
     except Exception as error:  # Ray wraps a task's exception
-        raise _user_error(error) or error
+        raise user_error(error) or error

@@ -14,10 +14,10 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import ray
 import ray.train
@@ -28,27 +28,22 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfi
 from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, flatten, git_commit,
-                                tracking_uri)
+from pipelines.cluster import ClusterError, connect, placeable, user_error
+from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
+                                git_commit, tracking_uri)
+import vgg
 from vgg.config import Profile, from_mapping
 from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches, val_batches
-from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError, VGGError
+from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError
 from vgg.evaluate.posteriors import load_model
 from vgg.models import CONFIGS, from_config, warm_start
 from vgg.train import checkpoint, precision
 from vgg.train.loop import Hooks, evaluate_errors, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# glibc malloc tuning for CPU training processes (the step is ~1.2-1.5x faster on a 2-core AVX2 host:
-# benchmarks/train_step.py).
-WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-GCS_PROBE_TIMEOUT_S = 5.0  # a closed or filtered GCS port fails here, not after ray.init's ~20 s of retries
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
-
-
-class ClusterError(VGGError):
-    """The Ray cluster cannot be reached or cannot host the requested workers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +60,32 @@ class TrainJob:
     max_failures: int  # worker-group restarts from the last checkpoint before giving up
 
     def fingerprint(self) -> str:
-        """Hash of what determines the result: resolved profile, config, scale, init weights, data index."""
-        digest = hashlib.sha256()
+        """Hash of what determines the result: resolved profile, config, scale, init weights, data index, and the
+        code that trains (Ray Train adopts the stored state of a run with the same name, a finished one too: without
+        the code, a library edit would hand back the previous code's weights)."""
+        digest = hashlib.sha256(code_digest().encode())
         digest.update(json.dumps(self.profile.to_dict(), sort_keys=True).encode())
         digest.update(f"{self.config}|{self.scale}".encode())
         for path in (self.init, self.shards / "index.json"):
             if path is not None:
                 digest.update(_file_sha256(path).encode())
         return digest.hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for Ray (a worker's or a Tune trial's config)."""
+        return {
+            "profile": self.profile.to_dict(), "config": self.config, "scale": self.scale,
+            "init": str(self.init) if self.init else None, "shards": str(self.shards), "out": str(self.out),
+            "storage": str(self.storage), "max_failures": self.max_failures,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
+        return cls(
+            profile=from_mapping(Profile, data["profile"]), config=data["config"], scale=data["scale"],
+            init=Path(data["init"]) if data["init"] else None, shards=Path(data["shards"]), out=Path(data["out"]),
+            storage=Path(data["storage"]), max_failures=data["max_failures"],
+        )
 
     @functools.cached_property  # hashes the init checkpoint (up to ~1 GB at paper size): once per job
     def run_name(self) -> str:
@@ -150,7 +163,7 @@ def fit_trainer(
     train = job.profile.train
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": _job_to_dict(job), "name": name, "progress": progress},
+        train_loop_config={"job": job.to_dict(), "name": name, "progress": progress},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -164,12 +177,44 @@ def fit_trainer(
         ),
     )
     try:
-        result = trainer.fit()
+        result = off_main_thread(trainer.fit)
     except Exception as error:  # Ray wraps worker errors
-        raise _user_error(error) or error
+        raise user_error(error) or error
     if isinstance(result.return_value, DivergenceError):
         raise DivergenceError(f"{result.return_value} ({_lr_option(job)})")
     return result
+
+
+def off_main_thread(call: Callable[[], T]) -> T:
+    """`call()` (a Ray Train or Tune `fit`) in a daemon thread while the main thread waits, so that Ctrl-C and
+    SIGTERM reach the caller as exceptions and its clean-up runs. Called in the main thread, Ray Train's `fit`
+    installs a SIGINT handler of its own that aborts the run and then returns its last checkpoint as if the run had
+    finished (which `run` would write as the final model), and Tune's ends the search as if it had completed.
+
+    On an interrupt this driver leaves Ray first: its job ends, and with it the run's controller and workers (a
+    local Ray stops), before the caller's clean-up removes what they write to; the checkpoints stay in storage for
+    the same command to resume from."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    except BaseException:  # Interrupted, KeyboardInterrupt
+        ray.shutdown()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _lr_option(job: TrainJob) -> str:
@@ -218,9 +263,9 @@ def train(
                              Path(directory) / "epochs.jsonl").start()
         try:
             metrics = run(job, epoch_log=relay.path)
-        except BaseException:
+        except BaseException as error:
             try:
-                relay.stop().finish("FAILED")
+                relay.stop().finish(end_status(error))
             except TrackingError:
                 pass  # the training's own error is the one to report
             raise
@@ -229,53 +274,11 @@ def train(
         tracked.log_dict(profile.to_dict(), "profile.json")
         tracked.log_curves()
         tracked.register_model(job.out, name=f"vgg-{config}", tags=tags)
-    except BaseException:
-        tracked.finish("FAILED")
+    except BaseException as error:
+        tracked.finish(end_status(error))
         raise
     tracked.finish()
     return metrics
-
-
-def connect() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray; one clear line when the address is unreachable."""
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or None
-    where = f"RAY_ADDRESS={address}" if address else "a local Ray instance"
-    hint = ("start the cluster (`ray start --head`), fix the address (and set RAY_AUTH_MODE=token if the cluster uses "
-            "token authentication), or unset RAY_ADDRESS to run locally")
-    env = dict(WORKER_ENV)
-    if address:
-        _probe_gcs(address, where=where, hint=hint)
-        # Ray Train's placement-group cleaner asks the state API for "the" cluster; with several Ray instances on one
-        # machine it finds them all and dies unless RAY_ADDRESS names this one in the actors' environment too.
-        env["RAY_ADDRESS"] = address
-    try:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
-                 logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ClusterError(f"cannot connect to {where} ({str(error).splitlines()[0][:200]}); {hint}") from None
-
-
-def _probe_gcs(address: str, *, where: str, hint: str) -> None:
-    """Fail fast on a GCS address nobody listens on (`host:port`, or `ray://host:port` for Ray Client)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto" and the like: ray.init resolves them
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S):
-            pass
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ClusterError(f"cannot connect to {where} (nothing answers at {host}:{port}: {reason}); {hint}") from None
-
-
-def placeable(bundle: dict[str, float]) -> int:
-    """How many of `bundle` (e.g. {"CPU": 1, "GPU": 1}) the live nodes of the Ray cluster hold at once. Ray puts a
-    task, actor or worker on one node, so the cluster's totals overstate it (a GPU on a node with no CPU to spare
-    takes no GPU worker), and a request no node can hold waits forever rather than failing."""
-    return sum(min(int(node["Resources"].get(name, 0.0) // amount) for name, amount in bundle.items() if amount > 0)
-               for node in ray.nodes() if node["Alive"])
 
 
 def _worker_resources(*, workers: int, use_gpu: bool) -> dict[str, float]:
@@ -313,7 +316,7 @@ def _train_worker(loop_config: dict[str, Any]) -> DivergenceError | None:
     # needs attention.
     for name in ("", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    job = _job_from_dict(loop_config["job"])
+    job = TrainJob.from_dict(loop_config["job"])
     profile, train = job.profile, job.profile.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -416,41 +419,19 @@ class EpochLog(UserCallback):
                 file.write(json.dumps({"step": int(epoch_metrics["epoch"]), "metrics": epoch_metrics}) + "\n")
 
 
-def _user_error(error: BaseException) -> VGGError | None:
-    """The VGGError a worker raised, if that is what ended the run (Ray re-raises it wrapped)."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, VGGError):
-            return type(current)(str(current))
-        for attribute in ("cause", "__cause__", "__context__"):
-            nested = getattr(current, attribute, None)
-            if isinstance(nested, BaseException):
-                pending.append(nested)
-        for nested in getattr(current, "worker_failures", {}).values() if hasattr(current, "worker_failures") else ():
-            if isinstance(nested, BaseException):
-                pending.append(nested)
-    return None
+@functools.cache
+def code_digest() -> str:
+    """Hash of the sources of the packages that train (`vgg`, `pipelines`) and of the versions of torch,
+    torchvision and Ray: a change to any of them makes a new run rather than resuming (or adopting) an old one."""
+    import torchvision
 
-
-def _job_to_dict(job: TrainJob) -> dict[str, Any]:
-    return {
-        "profile": job.profile.to_dict(), "config": job.config, "scale": job.scale,
-        "init": str(job.init) if job.init else None, "shards": str(job.shards), "out": str(job.out),
-        "storage": str(job.storage), "max_failures": job.max_failures,
-    }
-
-
-def _job_from_dict(data: dict[str, Any]) -> TrainJob:
-    return TrainJob(
-        profile=from_mapping(Profile, data["profile"]), config=data["config"], scale=data["scale"],
-        init=Path(data["init"]) if data["init"] else None, shards=Path(data["shards"]), out=Path(data["out"]),
-        storage=Path(data["storage"]), max_failures=data["max_failures"],
-    )
+    digest = hashlib.sha256(f"torch {torch.__version__} torchvision {torchvision.__version__} ray {ray.__version__}"
+                            .encode())
+    for package in (Path(vgg.__file__).parent, Path(__file__).parent):
+        for source in sorted(package.rglob("*.py")):
+            digest.update(f"{source.relative_to(package.parent)}\0".encode())
+            digest.update(hashlib.sha256(source.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _checkpoint_config(path: Path) -> str:

@@ -26,9 +26,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines.ray_train import (ClusterError, TrainJob, _job_from_dict, _job_to_dict, _user_error, check_job,
-                                 connect, fit_trainer, placeable)
-from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
+from pipelines.cluster import ClusterError, connect, placeable, user_error
+from pipelines.ray_train import TrainJob, check_job, fit_trainer, off_main_thread
+from pipelines.tracking import TrackedRun, end_status, flatten, git_commit, tracking_uri
 from vgg.config import Profile, ScaleRange
 from vgg.errors import ConfigError, DivergenceError
 
@@ -116,9 +116,9 @@ def tune(
             parent.client.set_tag(parent.run_id, "best_trial", best.trial)
             parent.log_dict({"rows": [dataclasses.asdict(row) for row in rows]}, "tune_results.json")
             parent.log_artifact(out)
-    except BaseException:
+    except BaseException as error:
         if parent is not None:
-            parent.finish("FAILED")
+            parent.finish(end_status(error))
         raise
     if parent is not None:
         parent.finish()
@@ -240,7 +240,7 @@ def _search(
     ledger: TrialLedger,
 ) -> ray.tune.ResultGrid:
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, base=_job_to_dict(base), max_epochs=max_epochs), TRIAL_RESOURCES
+        ray.tune.with_parameters(_trial, base=base.to_dict(), max_epochs=max_epochs), TRIAL_RESOURCES
     )
     tuner = ray.tune.Tuner(
         trainable,
@@ -262,12 +262,12 @@ def _search(
         run_config=ray.tune.RunConfig(name=name, storage_path=str(base.storage), callbacks=[ledger],
                                       failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
     )
-    return tuner.fit()
+    return off_main_thread(tuner.fit)  # Tune's own SIGINT handler would end the search as if it had completed
 
 
 def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: int) -> None:
     """One Tune trial: one Ray Train run of the protocol with this trial's lr and S range."""
-    job = _job_from_dict(base)
+    job = TrainJob.from_dict(base)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"train-{trial_id}"  # stable per trial: a restarted trial resumes its own Train run
     job = dataclasses.replace(
@@ -427,9 +427,9 @@ def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResu
         return rows[0]
     errors = [result.error for result in grid if result.error is not None]
     for error in errors:
-        user_error = _user_error(error)
-        if user_error is not None:
-            raise user_error
+        cause = user_error(error)
+        if cause is not None:
+            raise cause
     diverged = [row.lr for row in rows if row.outcome == "diverged"]
     if errors:
         last_line = (str(errors[0]).strip().splitlines() or [type(errors[0]).__name__])[-1][:300]

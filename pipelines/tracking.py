@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from vgg.errors import VGGError
+from vgg.errors import Interrupted, VGGError
 
 
 RESUME_TAG = "vgg.resume_key"
@@ -227,6 +227,11 @@ class TrackedRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def end_status(error: BaseException) -> str:
+    """MLflow's status for a run that `error` ended: KILLED for Ctrl-C or SIGTERM, FAILED for anything else."""
+    return "KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED"
 
 
 class MetricsRelay:

@@ -4,20 +4,34 @@ by their own process handles (never `ray stop`/`pkill`, which would hit processe
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from pipelines.cluster import AUTH_ENV, free_port
+from pipelines.cluster import free_port, token_env, write_token
 
-# Ray 2.60 turns token authentication on for a cluster whenever ~/.ray/auth_token exists; a client must then have
-# RAY_AUTH_MODE=token in its environment before Ray is imported. Every Ray test and subprocess inherits this.
-os.environ.update(AUTH_ENV)
+# A new user's machine: the session and every process it starts see an empty home and XDG directories, so nothing
+# the developer's home holds (a Ray token, DVC, MLflow or pip configuration, caches) can make a test pass.
+HOME = Path(tempfile.mkdtemp(prefix="vgg-test-home-"))
+os.environ.update(HOME=str(HOME), **{f"XDG_{kind}_HOME": str(HOME / f".{kind.lower()}")
+                                     for kind in ("CONFIG", "CACHE", "DATA", "STATE")})
+# The shared cluster's token, set before anything imports Ray (Ray reads RAY_AUTH_MODE once, at import): every
+# in-process driver and every subprocess of the session is a client of that cluster.
+os.environ.pop("RAY_AUTH_TOKEN", None)
+TOKEN = write_token(Path(tempfile.mkdtemp(prefix="vgg-test-token-")))
+os.environ.update(token_env(TOKEN))
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(HOME, ignore_errors=True)
+    shutil.rmtree(TOKEN.parent, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,7 +88,7 @@ def ray_cluster():
     """
     from pipelines.cluster import local_cluster
 
-    with local_cluster(nodes=2, cpus_per_node=2) as cluster:
+    with local_cluster(nodes=2, cpus_per_node=2, token=TOKEN) as cluster:
         yield {"address": cluster.address, "dashboard": cluster.dashboard, "temp": cluster.temp}
 
 

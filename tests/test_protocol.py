@@ -25,7 +25,7 @@ STAGES_UPSTREAM_OF_TRAINING = {"synth", "ingest"}
 def _env(ray_cluster: dict, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_ADDRESS=ray_cluster["address"], RAY_AUTH_MODE="token",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_ADDRESS=ray_cluster["address"],
         RAY_USAGE_STATS_ENABLED="0", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="68719476736",
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid", **extra,

@@ -28,11 +28,11 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_jobs
 
 from pipelines import cli
-from pipelines.cluster import AUTH_ENV, start, stop
+from pipelines.cluster import start, stop
 from pipelines.params import load_profile
 from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_job, run
 from pipelines.tracking import RESUME_TAG, flatten
-from tests.conftest import free_port
+from tests.conftest import TOKEN, free_port
 from vgg.config import Profile
 from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches
 from vgg.evaluate.posteriors import load_model
@@ -57,7 +57,7 @@ def ray_driver():
 
 def _env(ray_cluster: dict, **extra: str) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_USAGE_STATS_ENABLED": "0",
-            **AUTH_ENV, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+            "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736",
             "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -181,7 +181,7 @@ def test_a_gpu_no_node_can_host_is_one_line_not_a_wait(trained_a, ray_cluster, t
     """Ray places a task, worker or trial's worker on one node: a GPU whose node has no CPU to spare can host none,
     and asking for it would wait forever. Joined for this test only: a node with one (logical) GPU and no CPU."""
     node = start(["--address", ray_cluster["address"], "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
-                  "--num-gpus", "1"], tmp_path / "gpu-node.log")
+                  "--num-gpus", "1"], tmp_path / "gpu-node.log", token=TOKEN)
     runs: dict[str, subprocess.Popen] = {}
     try:
         gpu = ("--set", "train.use_gpu=true")

@@ -37,17 +37,6 @@ Path("rows.json").write_text(json.dumps([dataclasses.asdict(row) for row in rows
 """
 
 
-@pytest.fixture(scope="session")
-def ray_token_auth():
-    """Ray 2.60 clients (a joining `ray start`, `ray.init(address=...)`) send ~/.ray/auth_token only with
-    RAY_AUTH_MODE=token, and conftest's `ray_cluster` does not set it: requested before that fixture, this lets its
-    second node join. A driver reads the mode when `ray` is imported, so tune runs in a process started with it."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_AUTH_MODE", "token")
-    yield
-    patch.undo()
-
-
 @pytest.fixture(scope="module")
 def profile(tiny_params) -> Profile:
     return load_profile(tiny_params)
@@ -126,10 +115,10 @@ def test_size_lists_read_from_the_command_line():
 
 
 def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
-    profile, tiny_params, tiny_shards, ray_token_auth, ray_cluster, mlflow_server, tmp_path
+    profile, tiny_params, tiny_shards, ray_cluster, mlflow_server, tmp_path
 ):
     out = tmp_path / "best.yaml"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token",
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"],
            "MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}
     arguments = {"params": str(tiny_params), "shards": str(tiny_shards), "out": str(out), **SPACE}
     driver = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(arguments)], cwd=tmp_path, env=env,
@@ -186,11 +175,11 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
 
 
 def test_a_diverging_trial_is_a_finding_of_the_search_not_an_error(
-    profile, tiny_params, tiny_shards, ray_token_auth, ray_cluster, mlflow_server, tmp_path
+    profile, tiny_params, tiny_shards, ray_cluster, mlflow_server, tmp_path
 ):
     """Every trial at lr >= 100 diverges in its first epoch: `vgg tune` says so in the table, in MLflow and in its
     one error line (no overlay is written), without a trial error's traceback."""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token",
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"],
            "MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}
     command = [str(Path(sys.executable).parent / "vgg"), "tune", "--params", str(tiny_params), "--config", "A",
                "--shards", str(tiny_shards), "--lr-range", "100", "200", "--s-min", "40", "--s-max", "64",

@@ -26,3 +26,14 @@ class ModelError(VGGError):
 
 class DivergenceError(VGGError):
     """Training whose loss or weights stopped being finite (an lr too high for the init, say)."""
+
+
+class Interrupted(BaseException):
+    """The user stopped the command: Ctrl-C (SIGINT) or SIGTERM, raised in the main thread by `vgg`'s handlers.
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` swallows it and every `finally` runs;
+    not a KeyboardInterrupt, which the command-line framework turns into a silent exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
