@@ -11,29 +11,50 @@ Rows line up with the paper's by scale KIND, not value: the small profile's S=40
 S=256 ("low"), S=56 beside 384 ("high"), [40;72] beside [256;512] ("jitter"). Without `kind`, a jittered S
 is "jitter", the smallest fixed S among the results "low", any larger fixed S "high".
 
-Output (`write_report`): `report.md`, `metrics.json` (our errors, per table and row, plus the findings) and
-PNG plots. Missing results show as "—" and the findings that need them as "not measured", so a partial run
-(or a test) still gets a report.
+Output (`write_report`): `report.md`, `metrics.json` (our errors with their 95% intervals, per table and row, and
+each finding's verdict with its paired tests) and PNG plots. Missing results show as "—" and the findings that
+need them as "not measured", so a partial run (or a test) still gets a report.
+
+A finding is judged by paired tests on the same validation images (`vgg.evaluate.statistics`), never by point
+estimates alone: each of its comparisons by an exact McNemar test on per-image top-1 correctness, Holm-adjusted
+within the finding. Verdicts: `reproduced` (at least one comparison significant at 5% in the paper's direction and
+none against it), `contradicted` (one significant against it), `same direction, not significant` (more of the
+images on which the two models disagree favour the paper's side, summed over the comparisons), `not the paper's
+direction, not significant`, `not measured`. "LRN does not help" claims no difference, so it is judged by the 95%
+interval of err(A) − err(A-LRN) against the margin `LRN_MARGIN`: `reproduced` when the interval lies below it (A is
+not worse by that much), `contradicted` when it lies above 0 and reaches the margin (LRN helps, possibly by more).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from vgg.files import write_atomic
 from vgg.errors import DataError
-from vgg.evaluate.metrics import errors
+from vgg.evaluate.metrics import top_k, top_k_correct
 from vgg.evaluate.results import Posteriors
+from vgg.evaluate.statistics import Paired, holm, mcnemar, paired_difference, wilson
 
 MISSING = "—"
+ALPHA = 0.05  # family-wise error rate of one finding's comparisons (Holm)
+# "LRN does not help" (Table 3: A 29.6 vs A-LRN 29.7) is reproduced when A's top-1 error is, with 95% confidence,
+# less than this many points above A-LRN's: half the smallest gain the paper draws a conclusion from (multiple
+# test scales, Table 4 vs 3: 0.4-0.5 points for B, C-low and D-low... rounded up to 1 point, the resolution of a
+# small profile's thousand images being coarser still).
+LRN_MARGIN = 1.0
+REPRODUCED, CONTRADICTED, MEASURED_NOTHING = "reproduced", "contradicted", "not measured"
+SAME_WAY, OTHER_WAY = "same direction, not significant", "not the paper's direction, not significant"
 KINDS = ("low", "high", "jitter")
 MODE_NAMES = {"dense": "dense", "multicrop": "multi-crop", "dense+multicrop": "dense + multi-crop"}
 PAPER_S = {"low": "256", "high": "384", "jitter": "[256;512]"}  # §3.1 training scales
@@ -106,8 +127,17 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
 
 
 @dataclass(frozen=True)
+class Scored:
+    """Per-image top-1 correctness of one model, images in sorted-key order; `images` names that set of images
+    (paired tests compare models on the same images only)."""
+
+    correct: np.ndarray = field(compare=False, repr=False)  # bool [N]
+    images: str  # digest of the sorted image keys
+
+
+@dataclass(frozen=True)
 class Result:
-    """One posteriors file, placed: its errors and how it was made."""
+    """One posteriors file, placed: its errors (with 95% intervals) and how it was made."""
 
     path: str
     config: str
@@ -117,6 +147,9 @@ class Result:
     scales: tuple[int, ...]
     top1_err: float
     top5_err: float
+    top1_ci: tuple[float, float]
+    top5_ci: tuple[float, float]
+    scored: Scored
 
     @property
     def cell(self) -> tuple[str, str, str | None, str]:
@@ -124,11 +157,32 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """One paired comparison of a finding: the paper says `better` has the lower error."""
+
+    text: str
+    better_err: float  # top-1 error, %
+    worse_err: float
+    paired: Paired  # only_a: images only `better` gets right; only_b: only `worse`
+    p_holm: float
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", self.text).strip("_")
+
+    def describe(self) -> str:
+        return (f"{self.text}: {self.better_err:.2f} vs {self.worse_err:.2f} ({self.paired.only_a} vs "
+                f"{self.paired.only_b} images only one gets right, p_Holm {self.p_holm:.2g})")
+
+
+@dataclass(frozen=True)
 class Finding:
     name: str  # key in metrics.json
     claim: str  # the paper's finding, in words
-    status: str  # "reproduced" / "not reproduced" / "not measured"
-    detail: str  # our numbers (and the paper's) behind the status
+    status: str  # one of the verdicts above
+    detail: str  # our numbers and tests behind the verdict
+    comparisons: tuple[Comparison, ...] = ()
+    interval: tuple[float, float, float] | None = None  # LRN: err(A) − err(A-LRN), 95% interval, points
 
 
 @dataclass(frozen=True)
@@ -141,7 +195,7 @@ class ReportPaths:
 def write_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ReportPaths:
     """Read every posteriors file under `results_dir`; write report.md, metrics.json and plots to `out_dir`."""
     results, cells, notes = collect(results_dir)
-    found = findings({cell: (r.top1_err, r.top5_err) for cell, r in cells.items()})
+    found = findings({cell: result.scored for cell, result in cells.items()})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = (
@@ -163,12 +217,13 @@ def collect(results_dir: str | os.PathLike[str]) -> tuple[list[Result], dict[tup
     loaded = []
     for path in sorted(root.rglob("*.npz")):
         posteriors = Posteriors.load(path)
-        loaded.append((path, posteriors.meta, _scale(path, posteriors.meta), errors(posteriors)))
+        loaded.append((path, posteriors.meta, _scale(path, posteriors.meta), _correct(posteriors)))
     fixed = sorted(scale["s_min"] for _, _, scale, _ in loaded if scale is not None and _is_fixed(scale))
     results: list[Result] = []
     cells: dict[tuple, Result] = {}
     notes: list[str] = []
-    for path, meta, scale, errs in loaded:
+    for path, meta, scale, (scored, correct5) in loaded:
+        count, wrong1, wrong5 = scored.correct.size, int((~scored.correct).sum()), int((~correct5).sum())
         kind = None
         if scale is not None:
             kind = scale.get("kind") or (
@@ -184,8 +239,11 @@ def collect(results_dir: str | os.PathLike[str]) -> tuple[list[Result], dict[tup
             train_label=MISSING if scale is None else str(scale.get("label", scale["s_min"])),
             mode=_require(path, meta, "mode"),
             scales=tuple(int(q) for q in _require(path, meta, "scales")),
-            top1_err=errs["top1_err"],
-            top5_err=errs["top5_err"],
+            top1_err=100.0 * wrong1 / count,
+            top5_err=100.0 * wrong5 / count,
+            top1_ci=wilson(wrong1, count),
+            top5_ci=wilson(wrong5, count),
+            scored=scored,
         )
         results.append(result)
         if kind is None:
@@ -197,36 +255,57 @@ def collect(results_dir: str | os.PathLike[str]) -> tuple[list[Result], dict[tup
     return results, cells, notes
 
 
-def findings(cells: Mapping[tuple[str, str, str | None, str], tuple[float, float]]) -> list[Finding]:
-    """The paper's findings, judged on top-1 error from `cells` ((scales, config, kind, mode) → (top-1, top-5)).
+def findings(cells: Mapping[tuple[str, str, str | None, str], Scored]) -> list[Finding]:
+    """The paper's findings, judged by paired tests on per-image top-1 correctness (see the module's docstring)."""
 
-    A finding is "reproduced" when every comparison it rests on goes the paper's way on our numbers,
-    "not reproduced" when at least one does not, "not measured" when a needed number is missing.
-    """
+    def top1(scales: str, config: str, kind: str, mode: str = "dense") -> Scored | None:
+        return cells.get((scales, config, kind, mode))
 
-    def top1(scales: str, config: str, kind: str, mode: str = "dense") -> float | None:
-        value = cells.get((scales, config, kind, mode))
-        return None if value is None else value[0]
-
-    def judge(name: str, claim: str, comparisons: list[tuple[str, float | None, float | None]]) -> Finding:
-        """Each comparison: (text, better, worse) — holds when better < worse (lower error)."""
-        measured = [(text, a, b) for text, a, b in comparisons if a is not None and b is not None]
+    def judge(name: str, claim: str, pairs: list[tuple[str, Scored | None, Scored | None]]) -> Finding:
+        """Each pair: (text, better, worse) — the paper's way when `better` has the lower error."""
+        measured = [(text, a, b) for text, a, b in pairs if a is not None and b is not None]
+        unpaired = [text for text, a, b in measured if a.images != b.images]
+        measured = [(text, a, b) for text, a, b in measured if a.images == b.images]
         if not measured:
-            return Finding(name, claim, "not measured", "missing results for every comparison")
-        held = [a < b for _, a, b in measured]
-        detail = "; ".join(
-            f"{text}: {a:.2f} {'<' if ok else '≥'} {b:.2f}" for (text, a, b), ok in zip(measured, held)
+            why = "different validation images" if unpaired else "missing results"
+            return Finding(name, claim, MEASURED_NOTHING, f"{why} for every comparison")
+        tests = [mcnemar(a.correct, b.correct) for _, a, b in measured]
+        adjusted = holm([test.p for test in tests])
+        comparisons = tuple(
+            Comparison(text, _error(a), _error(b), test, p) for (text, a, b), test, p in zip(measured, tests, adjusted)
         )
-        if len(measured) < len(comparisons):
-            detail += f" ({len(comparisons) - len(measured)} comparison(s) not measured)"
-        return Finding(name, claim, "reproduced" if all(held) else "not reproduced", detail)
+        significant = [c for c in comparisons if c.p_holm < ALPHA and c.paired.only_a != c.paired.only_b]
+        if any(c.paired.only_a < c.paired.only_b for c in significant):
+            status = CONTRADICTED
+        elif significant:
+            status = REPRODUCED
+        else:
+            lean = sum(c.paired.only_a - c.paired.only_b for c in comparisons)
+            status = SAME_WAY if lean > 0 else OTHER_WAY
+        detail = "; ".join(c.describe() for c in comparisons)
+        if len(measured) < len(pairs):
+            detail += f" ({len(pairs) - len(measured)} comparison(s) not measured)"
+        return Finding(name, claim, status, detail, comparisons)
+
+    def no_lrn_gain(a: Scored | None, lrn: Scored | None) -> Finding:
+        name, claim = "lrn_does_not_help", "LRN does not improve A (Table 3: A-LRN vs A)"
+        if a is None or lrn is None or a.images != lrn.images:
+            return Finding(name, claim, MEASURED_NOTHING, "A or A-LRN (S low, single Q) not measured on the same images")
+        interval = paired_difference(a.correct, lrn.correct)
+        difference, low, high = interval
+        if high < LRN_MARGIN:
+            status = REPRODUCED
+        elif low > 0:
+            status = CONTRADICTED
+        else:
+            status = SAME_WAY if difference <= 0 else OTHER_WAY
+        detail = (f"err(A) − err(A-LRN) = {difference:+.2f} points, 95% interval [{low:+.2f}, {high:+.2f}], margin "
+                  f"{LRN_MARGIN:g} ({_error(a):.2f} vs {_error(lrn):.2f})")
+        return Finding(name, claim, status, detail, interval=interval)
 
     kinds_cde = [(config, kind) for config in "CDE" for kind in KINDS]
     return [
-        judge("lrn_does_not_help", "LRN does not improve A (Table 3: A-LRN vs A)", [
-            # "does not help": A without LRN is at least as good; compare A ≤ A-LRN via A < A-LRN + ε.
-            ("A (no LRN) vs A-LRN, S low", top1("single", "A", "low"), _plus(top1("single", "A-LRN", "low"), 1e-9)),
-        ]),
+        no_lrn_gain(top1("single", "A", "low"), top1("single", "A-LRN", "low")),
         judge("depth_helps", "Error decreases with depth A → B → D/E (Table 3, S low)", [
             ("B vs A", top1("single", "B", "low"), top1("single", "A", "low")),
             ("D vs B", top1("single", "D", "low"), top1("single", "B", "low")),
@@ -261,8 +340,17 @@ def paper_cells() -> dict[tuple[str, str, str, str], tuple[float, float]]:
     return {row.cell: row.paper for _, rows in TABLES.values() for row in rows}
 
 
-def _plus(value: float | None, epsilon: float) -> float | None:
-    return None if value is None else value + epsilon
+def _error(scored: Scored) -> float:
+    return 100.0 * np.count_nonzero(~scored.correct) / scored.correct.size
+
+
+def _correct(posteriors: Posteriors) -> tuple[Scored, np.ndarray]:
+    """Per-image top-1 (as `Scored`) and top-5 correctness, images in sorted-key order."""
+    order = np.argsort(np.asarray(posteriors.keys))
+    one, five = top_k(posteriors)
+    images = hashlib.sha256("\0".join(sorted(posteriors.keys)).encode()).hexdigest()[:16]
+    correct1 = top_k_correct(posteriors.probs, posteriors.labels, one)[order]
+    return Scored(correct1, images), top_k_correct(posteriors.probs, posteriors.labels, five)[order]
 
 
 def _scale(path: Path, meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -287,16 +375,41 @@ def _number(value: float | None) -> str:
     return MISSING if value is None else f"{value:.1f}"
 
 
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return MISSING if bounds is None else f"{bounds[0]:.1f}–{bounds[1]:.1f}"
+
+
+def _images(cells: Mapping[tuple, Result]) -> str:
+    counts = sorted({result.scored.correct.size for result in cells.values()})
+    return "–".join(f"{count:,}" for count in counts) if counts else MISSING
+
+
 def _metrics(cells: Mapping[tuple, Result], found: Sequence[Finding]) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for table, (_, rows) in TABLES.items():
-        metrics[table] = {
-            row.name: {"top1_err": round(cells[row.cell].top1_err, 4), "top5_err": round(cells[row.cell].top5_err, 4)}
-            for row in rows
-            if row.cell in cells
-        }
+        metrics[table] = {row.name: _row_metrics(cells[row.cell]) for row in rows if row.cell in cells}
     metrics["findings"] = {finding.name: finding.status for finding in found}
+    metrics["finding_tests"] = {finding.name: _finding_metrics(finding) for finding in found}
     return metrics
+
+
+def _row_metrics(result: Result) -> dict[str, float]:
+    return {"top1_err": round(result.top1_err, 4), "top5_err": round(result.top5_err, 4),
+            "top1_ci_low": round(result.top1_ci[0], 4), "top1_ci_high": round(result.top1_ci[1], 4),
+            "top5_ci_low": round(result.top5_ci[0], 4), "top5_ci_high": round(result.top5_ci[1], 4),
+            "images": result.scored.correct.size}
+
+
+def _finding_metrics(finding: Finding) -> dict[str, Any]:
+    numbers: dict[str, Any] = {"verdict": finding.status}
+    if finding.interval is not None:
+        numbers.update(zip(("difference", "ci_low", "ci_high"), (round(v, 4) for v in finding.interval)),
+                       margin=LRN_MARGIN)
+    for comparison in finding.comparisons:
+        numbers[comparison.key] = {"difference": round(comparison.worse_err - comparison.better_err, 4),
+                                   "only_better": comparison.paired.only_a, "only_worse": comparison.paired.only_b,
+                                   "p": comparison.paired.p, "p_holm": comparison.p_holm}
+    return numbers
 
 
 def _markdown(
@@ -311,14 +424,15 @@ def _markdown(
         "",
         "Top-1 / top-5 validation error in percent, ours beside the paper's (Simonyan & Zisserman, ICLR 2015).",
         "Rows match the paper's by training-scale kind: low ↔ S=256, high ↔ S=384, jitter ↔ S=[256;512];",
-        f"our S and Q are those of this run's profile. {MISSING} = not evaluated.",
+        f"our S and Q are those of this run's profile. {MISSING} = not evaluated. Ours carry their 95% interval",
+        f"(Wilson) over {_images(cells)} validation images; the paper's are over 50,000.",
         "",
     ]
     for table, (title, rows) in TABLES.items():
         by_mode = table in ("table5", "table6")
         lines += [f"## {title}", ""]
         head = ["Config", "Eval" if by_mode else "S kind", "Our S", "Our Q", "Paper S", "Paper Q"]
-        lines += _table_head([*head, "Top-1 ours", "Top-1 paper", "Top-5 ours", "Top-5 paper"])
+        lines += _table_head([*head, "Top-1 ours", "95% CI", "Top-1 paper", "Top-5 ours", "95% CI", "Top-5 paper"])
         for row in rows:
             ours = cells.get(row.cell)
             lines.append(
@@ -332,15 +446,29 @@ def _markdown(
                         PAPER_S[row.kind],
                         PAPER_Q[(row.scales, row.kind)],
                         _number(ours.top1_err if ours else None),
+                        _interval(ours.top1_ci if ours else None),
                         _number(row.paper[0]),
                         _number(ours.top5_err if ours else None),
+                        _interval(ours.top5_ci if ours else None),
                         _number(row.paper[1]),
                     ]
                 )
                 + " |"
             )
         lines.append("")
-    lines += ["## Findings", "", "Judged on top-1 error: reproduced when every comparison goes the paper's way.", ""]
+    lines += [
+        "## Findings",
+        "",
+        "Judged on top-1 error by paired tests on the same images: each comparison by an exact McNemar test (the",
+        "images only one of the two models gets right), Holm-adjusted within the finding at 5%. `reproduced`: at",
+        "least one comparison significant in the paper's direction and none against; `contradicted`: one",
+        "significant against; otherwise the direction most of those images favour, not significant.",
+        f"\"LRN does not help\" claims no difference: reproduced when the 95% interval of err(A) − err(A-LRN) lies",
+        f"below {LRN_MARGIN:g} point (the margin).",
+        "",
+    ]
+    counts = {status: sum(f.status == status for f in found) for status in dict.fromkeys(f.status for f in found)}
+    lines += ["Verdicts: " + ", ".join(f"{count} {status}" for status, count in counts.items()) + ".", ""]
     for finding in found:
         lines.append(f"- **{finding.claim}** — {finding.status}. {finding.detail}.")
     lines += ["", "## Plots", ""]

@@ -24,6 +24,12 @@ def top_k_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
 
     `probs` [N, C] (any real scores; only their order matters), `labels` [N] int class indices.
     """
+    correct = top_k_correct(probs, labels, k)
+    return float(100.0 * np.count_nonzero(~correct) / correct.size)
+
+
+def top_k_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per sample (bool [N]): is the true class among the k highest-probability classes (ties as above)."""
     probs = np.asarray(probs)
     labels = np.asarray(labels)
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
@@ -40,8 +46,12 @@ def top_k_error(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     index = np.arange(classes)[None, :]
     # Rank of the true class (0 = first) under the tie rule above; correct when rank < k.
     ahead = (probs > true) | ((probs == true) & (index < labels[:, None]))
-    rank = ahead.sum(axis=1)
-    return float(100.0 * np.count_nonzero(rank >= k) / count)
+    return ahead.sum(axis=1) < k
+
+
+def top_k(posteriors: Posteriors) -> tuple[int, int]:
+    """The k of the paper's two errors: 1 and 5 (with fewer than 5 classes, top-5 is over all classes)."""
+    return 1, min(5, posteriors.probs.shape[1])
 
 
 def errors(posteriors: Posteriors) -> dict[str, float]:
@@ -49,8 +59,8 @@ def errors(posteriors: Posteriors) -> dict[str, float]:
 
     With fewer than 5 classes top-5 is trivially 0 and is reported over all classes (k = C).
     """
-    classes = posteriors.probs.shape[1]
+    one, five = top_k(posteriors)
     return {
-        "top1_err": top_k_error(posteriors.probs, posteriors.labels, 1),
-        "top5_err": top_k_error(posteriors.probs, posteriors.labels, min(5, classes)),
+        "top1_err": top_k_error(posteriors.probs, posteriors.labels, one),
+        "top5_err": top_k_error(posteriors.probs, posteriors.labels, five),
     }
