@@ -291,6 +291,9 @@ def demo() -> None:
     with contextlib.ExitStack() as stack:
         # dvc's stages call `vgg`: this environment's, also when it is not activated (`.venv/bin/vgg demo`).
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        # dvc's index and lock databases in the project (.dvc/tmp is dvc's own, ignored by git), not in /var/tmp/dvc,
+        # which every user and every earlier clone shares
+        env.setdefault("DVC_SITE_CACHE_DIR", str(Path(".dvc/tmp/site-cache").absolute()))
 
         def repro(*targets: str) -> None:
             # In a process group of its own, so that an interrupt reaches dvc and its stage together, as SIGINT
@@ -356,6 +359,9 @@ def _print_tree(tree: dict, indent: int = 0) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # No usage reports from the user's machine (MLflow would also keep an id file in the home); Ray's usage stats
+    # are off for the clusters the project starts, and DVC's analytics in .dvc/config.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     exit_now(run_command())

@@ -81,6 +81,12 @@ def git_commit(root: Path) -> str:
     return f"{commit}+dirty" if dirty else commit
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI view (traces, token usage); this one opens it on
+# the runs table of a model-training experiment.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
 def metric_name(key: str) -> str:
     """`key` as an MLflow metric name: MLflow refuses any character but letters, digits, `_ - . : /` and space
     (the report's `table5/D/dense+multicrop/top1_err` becomes `table5/D/dense_multicrop/top1_err`)."""
@@ -142,7 +148,10 @@ class TrackedRun:
             with _one_opener(uri):
                 self.client = MlflowClient(tracking_uri=uri)  # creates a SQLite store's tables
                 found = self.client.get_experiment_by_name(experiment)
-                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                    experiment, tags=EXPERIMENT_TAGS)
+                if found and found.tags.get(EXPERIMENT_KIND) is None:
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
             all_tags = dict(tags)
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id

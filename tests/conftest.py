@@ -21,7 +21,8 @@ from pipelines.cluster import free_port, token_env, write_token
 # the developer's home holds (a Ray token, DVC, MLflow or pip configuration, caches) can make a test pass.
 HOME = Path(tempfile.mkdtemp(prefix="vgg-test-home-"))
 os.environ.update(HOME=str(HOME), **{f"XDG_{kind}_HOME": str(HOME / f".{kind.lower()}")
-                                     for kind in ("CONFIG", "CACHE", "DATA", "STATE")})
+                                     for kind in ("CONFIG", "CACHE", "DATA", "STATE")},
+                  DVC_SITE_CACHE_DIR=str(HOME / "dvc-site-cache"))  # not /var/tmp/dvc, which earlier runs filled
 # The shared cluster's token, set before anything imports Ray (Ray reads RAY_AUTH_MODE once, at import): every
 # in-process driver and every subprocess of the session is a client of that cluster.
 os.environ.pop("RAY_AUTH_TOKEN", None)

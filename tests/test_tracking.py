@@ -38,6 +38,8 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert logged.info.status == "FINISHED"
     assert logged.data.params == {"train.lr": "0.01", "train.batch_size": "64", "model.crop": "32"}
     assert logged.data.tags["config"] == "A"
+    # The UI opens the experiment on its runs table (model training), not on MLflow 3's GenAI view.
+    assert client.get_experiment(run.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(run.run_id, "val/top1_err")
     assert [(m.step, m.value) for m in history] == [(0, 90.0), (1, 70.0), (2, 55.0)]
     assert logged.data.metrics["table5/D/dense_multicrop/top1_err"] == 21.5
@@ -48,6 +50,14 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert int(again) == int(version) + 1  # the registered model exists already: a new version
     downloaded = client.download_artifacts(run.run_id, "model/A-low.pt", str(tmp_path / "download"))
     assert torch.equal(torch.load(downloaded, weights_only=True)["model"]["fc.weight"], torch.arange(6.0).view(2, 3))
+
+
+def test_an_experiment_made_before_gets_the_training_kind(mlflow_server):
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.create_experiment("vgg-made-by-an-older-version")
+    run = TrackedRun(uri=mlflow_server, experiment="vgg-made-by-an-older-version", run_name="x", tags={}, params={})
+    run.finish()
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_parent_and_child_runs(mlflow_server):
