@@ -8,6 +8,8 @@ in `params.yaml`, never branches in code.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -16,6 +18,7 @@ from typing import Any, Literal, Mapping, TypeVar, Union
 from vgg.errors import ConfigError
 
 T = TypeVar("T")
+MAX_SIDE = 4096  # px: a bound on every image side and scale (8x the paper's largest, S = 512)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class ScaleRange:
             raise ConfigError(f"s_min: must be > 0 px, got {self.s_min}")
         if self.s_min > self.s_max:
             raise ConfigError(f"s_min: must be <= s_max, got s_min={self.s_min} > s_max={self.s_max}")
+        _at_most(self, MAX_SIDE, "px; the paper's largest S is 512", "s_max")
 
     @property
     def fixed(self) -> bool:
@@ -71,6 +75,9 @@ class SynthConfig:
             raise ConfigError(f"classes: ILSVRC-2012 has 1000 classes, got {self.classes}")
         if self.min_side > self.max_side:
             raise ConfigError(f"min_side: must be <= max_side, got {self.min_side} > {self.max_side}")
+        _at_most(self, MAX_SIDE, "px", "max_side")
+        _at_most(self, 100_000, "images per class; ImageNet has at most 1,300", "train_per_class", "val_per_class")
+        _seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class DataConfig:
         _positive(self, "shard_size", "max_side")
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers: must be >= 0, got {self.loader_workers}")
+        _at_most(self, MAX_SIDE, "px", "max_side")
+        _at_most(self, 256, "processes per training process", "loader_workers")
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_classes", "width", "fc_width", "crop", "init_std")
+        _at_most(self, 4, "x the paper's conv widths", "width")
+        _at_most(self, 16384, "4x the paper's 4096", "fc_width")
+        _at_most(self, 1000, "ILSVRC-2012's classes", "num_classes")
+        _at_most(self, 1024, "px; the paper's is 224", "crop")
         if self.crop % 32:
             raise ConfigError(f"crop: must be a multiple of 32 px (five 2x2 max-pools), got {self.crop}")
         if not 0.0 <= self.dropout < 1.0:
@@ -145,6 +158,11 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.lr_decay < 1.0:
             raise ConfigError(f"lr_decay: must be in (0, 1), got {self.lr_decay}")
+        _at_most(self, 10.0, "an SGD lr above 10 only diverges", "lr", "fine_tune_lr")
+        _at_most(self, 1.0, "", "momentum", "weight_decay")
+        _at_most(self, 1024, "Ray Train workers", "workers")
+        _at_most(self, 10_000, "epochs", "max_epochs")
+        _seed(self.seed)
 
     @property
     def accumulation(self) -> int:
@@ -167,6 +185,8 @@ class EvalConfig:
         _positive(self, "batch_size", "grid")
         if self.q_offset < 0:
             raise ConfigError(f"q_offset: must be >= 0, got {self.q_offset}")
+        _at_most(self, MAX_SIDE, "px", "q_offset")
+        _at_most(self, 25, "crops per side; the paper's grid is 5", "grid")
 
 
 @dataclass(frozen=True)
@@ -283,14 +303,34 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # `1e-3`: YAML 1.1 (PyYAML) reads an exponent without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _at_most(config: object, limit: float, why: str, *names: str) -> None:
+    """Upper bounds, so that an absurd value is one line rather than exhausted memory or a day of work."""
+    for name in names:
+        value = getattr(config, name)
+        if value > limit:
+            raise ConfigError(f"{name}: must be <= {limit:g}{f' ({why})' if why else ''}, got {value}")
+
+
+def _seed(value: int) -> None:
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"seed: must be in [0, 2^32) (numpy's and torch's seeds), got {value}")
 
 
 def _join(path: str, name: str) -> str:
