@@ -55,6 +55,7 @@ BAD_PARAMS = {  # --set value → the one line `vgg` prints (after "error: profi
     "model.width=1000": "model.width: must be <= 4 (x the paper's conv widths), got 1000.0",
     "model.fc_width=1000000": "model.fc_width: must be <= 16384 (4x the paper's 4096), got 1000000",
     "train.lr=1e3": "train.lr: must be <= 10 (an SGD lr above 10 only diverges), got 1000.0",
+    "train.label_smoothing=1.5": "train.label_smoothing: must be in [0, 1), got 1.5",
 }
 
 

@@ -1,5 +1,6 @@
 """Configuration: both shipped profiles load, and every invalid case gives one clear line naming the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,10 @@ def test_q_sets_follow_section_3_2():
         ("model.init=xavier", "profiles.small.model.init: must be one of normal, glorot, kaiming"),
         ("model.warm_init=he", "profiles.small.model.warm_init: must be one of normal, glorot, kaiming"),
         ("train.channels_last=1", "profiles.small.train.channels_last: must be true or false"),
+        ("train.label_smoothing=1", "profiles.small.train.label_smoothing: must be in [0, 1), got 1.0"),
+        ("train.label_smoothing=-0.1", "profiles.small.train.label_smoothing: must be in [0, 1), got -0.1"),
+        ("train.label_smoothing=.nan", "profiles.small.train.label_smoothing: must be a finite number, got nan"),
+        ("train.label_smoothing=some", "profiles.small.train.label_smoothing: must be a number, got 'some'"),
         ("train.lr", "expected section.key=value"),
     ],
 )
@@ -96,3 +101,42 @@ def test_paper_profile_without_imagenet_path_says_what_to_set():
     with pytest.raises(ConfigError, match=r"profiles.paper.data.raw: set it to the directory holding ILSVRC2012"):
         paper.require_raw_source()
     load_profile(PARAMS, profile="small").require_raw_source()
+
+
+@pytest.mark.parametrize("name", ["small", "paper"])
+def test_label_smoothing_is_off_as_in_the_vgg_paper(name):
+    assert load_profile(PARAMS, profile=name).train.label_smoothing == 0.0
+    comments = [line for line in PARAMS.read_text().splitlines() if line.strip().startswith("label_smoothing:")]
+    assert len(comments) == 2 and all("Szegedy et al. 2016, §7" in line for line in comments)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_is_in_the_training_loss(smoothing):
+    """`fit`'s reported training loss of a one-step epoch is the loss at the initial weights: it must be
+    cross-entropy against the smoothed target (1 - ε) one-hot + ε / K, as torch computes it."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from vgg.train.loop import fit
+
+    class ToFloat(nn.Module):
+        def forward(self, images, colour=None):
+            return images.float() / 255
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(3, (8,), generator=generator)
+    colour = torch.zeros(8, 3)  # the PCA colour shift, which ToFloat ignores
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    initial = copy.deepcopy(model)
+    train = load_profile(PARAMS, profile="small").train
+    config = dataclasses.replace(train, batch_size=8, micro_batch=8, workers=1, max_epochs=1, precision="fp32",
+                                 channels_last=False, compile=False, use_gpu=False, label_smoothing=smoothing)
+    result = fit(model=model, config=config, lr=0.01, batches=lambda epoch, start: [(images, labels, colour)],
+                 steps_per_epoch=1, validate=lambda core: (50.0, 10.0), preprocess=ToFloat(),
+                 device=torch.device("cpu"), header={})
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(initial(images.float() / 255), labels, label_smoothing=smoothing)
+    assert result.history[0]["train/loss"] == pytest.approx(float(expected), rel=1e-6)

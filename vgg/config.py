@@ -145,6 +145,9 @@ class TrainConfig:
     workers: int  # Ray Train workers (processes), each with micro_batch images per step
     use_gpu: bool
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0 = only at epoch ends)
+    # Mass moved from the true class to a uniform target in the training loss (Inception-v3, Szegedy et al. 2016,
+    # §7: 0.1); the VGG paper uses none (0). Validation and evaluation errors are unaffected.
+    label_smoothing: float
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "micro_batch", "lr", "fine_tune_lr", "lr_decay", "max_epochs", "workers")
@@ -158,6 +161,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.lr_decay < 1.0:
             raise ConfigError(f"lr_decay: must be in (0, 1), got {self.lr_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:  # 1 would be a uniform target: nothing left to learn
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         _at_most(self, 10.0, "an SGD lr above 10 only diverges", "lr", "fine_tune_lr")
         _at_most(self, 1.0, "", "momentum", "weight_decay")
         _at_most(self, 1024, "Ray Train workers", "workers")

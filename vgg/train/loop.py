@@ -135,6 +135,7 @@ def fit(
         "accumulation": accumulation,
         "world_size": world,
         "steps_per_epoch": steps_per_epoch,
+        "label_smoothing": config.label_smoothing,
     }
     if resume is not None:
         _restore(resume, identity=identity, header=header, rank=rank, core=core, optimizer=optimizer,
@@ -170,6 +171,7 @@ def fit(
             state.loss_sum += _step(
                 step_model, model if ddp else None, group_batches,
                 optimizer=optimizer, preprocess=preprocess, device=device, dtype=dtype, channels_last=channels_last,
+                label_smoothing=config.label_smoothing,
             )
             images = sum(int(batch[1].shape[0]) for batch in group_batches)
             state.images += images
@@ -260,6 +262,7 @@ def _step(
     device: torch.device,
     dtype: torch.dtype,
     channels_last: bool,
+    label_smoothing: float,
 ) -> Tensor:
     """One optimizer step over `group` micro-batches; returns the summed per-image loss (on device, detached).
 
@@ -278,7 +281,8 @@ def _step(
         with sync:
             with precision.autocast(device, dtype):
                 logits = step_model(x)
-            loss = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction="sum")
+            loss = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction="sum",
+                                   label_smoothing=label_smoothing)
             (loss / total).backward()
         loss_sum += loss.detach()
     optimizer.step()
@@ -348,10 +352,12 @@ def _restore(
             "(--init) instead of resuming"
         )
     for key, value in identity.items():
-        if train[key] != value:
+        # Checkpoints written before train.label_smoothing existed trained without it.
+        saved = train.get(key, 0.0) if key == "label_smoothing" else train[key]
+        if saved != value:
             raise CheckpointError(
-                f"cannot resume exactly: the checkpoint was written with {key}={train[key]}, this run has {value}; "
-                "resume with the same lr, seed, batch_size, micro_batch, workers and training set"
+                f"cannot resume exactly: the checkpoint was written with {key}={saved}, this run has {value}; "
+                "resume with the same lr, seed, batch_size, micro_batch, workers, label_smoothing and training set"
             )
     core.load_state_dict(resume["model"])
     optimizer.load_state_dict(train["optimizer"])
