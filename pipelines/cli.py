@@ -222,19 +222,29 @@ def report(
         typer.echo(paths.markdown.read_text())
     typer.echo(f"wrote {paths.markdown}, {paths.metrics} and {len(paths.plots)} plots in {out}")
     if track:
-        from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
+        from pipelines.provenance import protocol_key
+        from pipelines.tracking import (TrackedRun, end_status, flatten, git_commit, protocol_name,
+                                        record_evaluations, source_tags, tracking_uri)
 
         root = Path.cwd()
+        tags = {"profile": resolved.name, "git_commit": git_commit(root), **source_tags(root, command="report")}
         run = TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{resolved.name}", run_name="report",
-                         tags={"stage": "report", "profile": resolved.name, "git_commit": git_commit(root)},
-                         params=flatten(resolved.to_dict()))
-        numbers = {key.replace(".", "/"): float(value)
-                   for key, value in flatten(json.loads(paths.metrics.read_text())).items() if _is_number(value)}
-        run.log_metrics(numbers, step=0)
-        for path in (paths.markdown, paths.metrics, *paths.plots):
-            run.log_artifact(path)
+                         tags={**tags, "stage": "report"}, params=flatten(resolved.to_dict()),
+                         protocol=(protocol_key(params), protocol_name(resolved.name)))
+        try:
+            numbers = {key.replace(".", "/"): float(value)
+                       for key, value in flatten(json.loads(paths.metrics.read_text())).items() if _is_number(value)}
+            run.log_metrics(numbers, step=0)
+            for path in (paths.markdown, paths.metrics, *paths.plots):
+                run.log_artifact(path)
+            for note in record_evaluations(run, list(paths.placed), tags=tags):
+                typer.echo(f"warning: {note}", err=True)
+        except BaseException as error:
+            run.finish(end_status(error))
+            raise
         run.finish()
-        typer.echo(f"logged to MLflow: experiment vgg-{resolved.name}, run {run.run_id}")
+        typer.echo(f"logged to MLflow: experiment vgg-{resolved.name}, run {run.run_id}; each model's errors on its "
+                   "training run")
 
 
 def _is_number(text: str) -> bool:
@@ -377,7 +387,7 @@ def run_command() -> int:
         app()
     except VGGError as error:
         typer.echo(f"error: {error}", err=True)
-        return 2
+        return getattr(error, "exit_status", 2)
     except SystemExit as exit_:  # how typer ends every command
         if isinstance(exit_.code, str):
             typer.echo(exit_.code, err=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.provenance import file_sha256
 from vgg.config import EvalConfig
 from vgg.errors import ConfigError
 from vgg.evaluate.posteriors import TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model
@@ -42,6 +43,7 @@ def posteriors(request: Request, device: str) -> tuple[Posteriors, ...]:
     network = load_model(request.model, name=request.torchvision)
     meta = {"config": request.torchvision, "source": str(request.model)} if request.torchvision else (
         checkpoint_meta(request.model))
+    meta["model_sha256"] = file_sha256(request.model)  # `vgg report` finds the model's MLflow run by it
     result = compute_posteriors(
         network, request.shards, request.split, mode=request.mode, scales=list(request.scales), grid=request.grid,
         batch_size=request.batch_size, device=device, precision="auto", channels_last=request.channels_last,

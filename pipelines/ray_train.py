@@ -29,12 +29,14 @@ from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.cluster import ClusterError, connect, placeable, user_error
+from pipelines.provenance import code_digest, file_sha256, protocol_key
 from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
-                                git_commit, tracking_uri)
-import vgg
+                                git_commit, protocol_name, source_tags, tracking_uri)
 from vgg.config import Profile, from_mapping
-from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches, val_batches
-from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError
+from vgg.data.loader import (STATS_FILE, Preprocess, batches_per_epoch, read_index, read_stats, train_batches,
+                             val_batches)
+from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError, VGGError
+from vgg.files import write_atomic
 from vgg.evaluate.posteriors import load_model
 from vgg.models import CONFIGS, from_config, warm_start
 from vgg.train import checkpoint, precision
@@ -68,7 +70,7 @@ class TrainJob:
         digest.update(f"{self.config}|{self.scale}".encode())
         for path in (self.init, self.shards / "index.json"):
             if path is not None:
-                digest.update(_file_sha256(path).encode())
+                digest.update(file_sha256(path).encode())
         return digest.hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,7 +152,24 @@ def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) 
     with result.checkpoint.as_directory() as directory:
         payload = checkpoint.load(Path(directory) / CHECKPOINT_FILE, expect_config=job.config)
     checkpoint.save(job.out, checkpoint.final(payload))
-    return dict(payload["train"]["history"][-1]) if payload["train"]["history"] else {}
+    history = payload["train"]["history"]
+    write_atomic(curve_path(job.out), _curve_csv(history).encode())
+    return dict(history[-1]) if history else {}
+
+
+CURVE_COLUMNS = ("epoch", "train/loss", "val/top1_err", "val/top5_err", "lr")
+
+
+def curve_path(model: Path) -> Path:
+    """The per-epoch metrics of the run that wrote `model`, as CSV beside it (`A-low.pt` → `A-low.epochs.csv`):
+    what `dvc plots show` draws."""
+    return model.with_suffix(".epochs.csv")
+
+
+def _curve_csv(history: list[dict[str, Any]]) -> str:
+    header = ",".join(column.replace("/", "_") for column in CURVE_COLUMNS)
+    rows = [",".join(f"{epoch.get(column, float('nan')):.6g}" for column in CURVE_COLUMNS) for epoch in history]
+    return "\n".join([header, *rows]) + "\n"
 
 
 def fit_trainer(
@@ -250,17 +269,23 @@ def train(
     root = Path.cwd()
     scale_label = profile.scale(scale).label()
     tags = {"stage": stage, "config": config, "scale": scale_label, "scale_kind": scale, "profile": profile.name,
-            "git_commit": git_commit(root), "init_source": str(init) if init else f"random ({profile.model.init})"}
+            "git_commit": git_commit(root), "init_source": str(init) if init else f"random ({profile.model.init})",
+            **source_tags(root, command="train")}
     params = {**flatten(profile.to_dict()), "job.config": config, "job.scale": scale, "job.lr": str(job.lr),
               "job.init": str(init) if init else ""}
     uri = tracking_uri(root)
     check_reachable(uri)  # a tracking server that is down fails now, not after the training
+    protocol = (protocol_key(root / "params.yaml"), protocol_name(profile.name))
+
+    def open_run() -> TrackedRun:
+        tracked = TrackedRun(uri=uri, experiment=f"vgg-{profile.name}", run_name=f"{stage}-{config}-{scale_label}",
+                             tags=tags, params=params, resume_key=job.run_name, protocol=protocol)
+        tracked.log_dataset(job.shards / "index.json", name=f"shards-{profile.name}", context="training")
+        return tracked
+
     with tempfile.TemporaryDirectory(prefix="vgg-epochs-") as directory:
         # Opened by the relay's thread while Ray Train starts (see MetricsRelay).
-        relay = MetricsRelay(lambda: TrackedRun(uri=uri, experiment=f"vgg-{profile.name}",
-                                                run_name=f"{stage}-{config}-{scale_label}", tags=tags, params=params,
-                                                resume_key=job.run_name),
-                             Path(directory) / "epochs.jsonl").start()
+        relay = MetricsRelay(open_run, Path(directory) / "epochs.jsonl").start()
         try:
             metrics = run(job, epoch_log=relay.path)
         except BaseException as error:
@@ -273,9 +298,17 @@ def train(
     try:
         tracked.log_dict(profile.to_dict(), "profile.json")
         tracked.log_curves()
-        tracked.register_model(job.out, name=f"vgg-{config}", tags=tags)
+        tracked.register_model(job.out, stats=job.shards / STATS_FILE, crop=profile.model.crop, name=f"vgg-{config}",
+                               tags={key: value for key, value in tags.items() if not key.startswith("mlflow.")})
     except BaseException as error:
-        tracked.finish(end_status(error))
+        try:
+            tracked.finish(end_status(error))
+        except Exception:  # the store that failed above may fail again: the first error is the one to report
+            pass
+        if isinstance(error, Exception) and not isinstance(error, VGGError):
+            raise TrackingError(f"training finished and {job.out} is written, but MLflow failed to record it "
+                                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); the model is kept"
+                                ) from None
         raise
     tracked.finish()
     return metrics
@@ -419,31 +452,8 @@ class EpochLog(UserCallback):
                 file.write(json.dumps({"step": int(epoch_metrics["epoch"]), "metrics": epoch_metrics}) + "\n")
 
 
-@functools.cache
-def code_digest() -> str:
-    """Hash of the sources of the packages that train (`vgg`, `pipelines`) and of the versions of torch,
-    torchvision and Ray: a change to any of them makes a new run rather than resuming (or adopting) an old one."""
-    import torchvision
-
-    digest = hashlib.sha256(f"torch {torch.__version__} torchvision {torchvision.__version__} ray {ray.__version__}"
-                            .encode())
-    for package in (Path(vgg.__file__).parent, Path(__file__).parent):
-        for source in sorted(package.rglob("*.py")):
-            digest.update(f"{source.relative_to(package.parent)}\0".encode())
-            digest.update(hashlib.sha256(source.read_bytes()).digest())
-    return digest.hexdigest()
-
-
 def _checkpoint_config(path: Path) -> str:
     return str(checkpoint.read_header(path)["config"])
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_writable(directory: Path, option: str) -> None:

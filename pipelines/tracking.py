@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -28,10 +29,16 @@ from vgg.errors import Interrupted, VGGError
 
 
 RESUME_TAG = "vgg.resume_key"
+PROTOCOL_TAG = "vgg.protocol_key"  # the parent run of one protocol execution (`pipelines.provenance.protocol_key`)
+MODEL_TAG = "vgg.model_sha256"  # on a training run: the sha256 of the model file it wrote
+# MLflow's artifact downloads draw progress bars on stderr, one per file: noise in every stage's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class TrackingError(VGGError):
     """The tracking store cannot be reached or written."""
+
+    exit_status = 3  # its own: a training whose model is written but not recorded is not a failed training
 
 
 def tracking_uri(root: Path) -> str:
@@ -66,6 +73,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def source_tags(root: Path, *, command: str) -> dict[str, str]:
+    """MLflow's source tags (the runs table's Source and Version columns): the DVC stage or `vgg` command that ran,
+    the git commit, and the DVC experiment where there is one."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": os.environ.get("DVC_STAGE") or f"vgg {command}",
+            "mlflow.source.git.commit": git_commit(root).removesuffix("+dirty")}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def protocol_name(profile: str) -> str:
+    """The parent run's name: the profile, and the DVC experiment where there is one."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"protocol-{profile}" + (f"-{experiment}" if experiment else "")
 
 
 def git_commit(root: Path) -> str:
@@ -135,9 +158,11 @@ class TrackedRun:
         params: Mapping[str, str],
         parent_run_id: str | None = None,
         resume_key: str | None = None,
+        protocol: tuple[str, str] | None = None,
     ) -> None:
         """`resume_key`: a deterministic key of the work (e.g. the Ray run name); an unfinished run with the same key
-        (a crashed earlier attempt) is continued instead of starting a second run for the same work."""
+        (a crashed earlier attempt) is continued instead of starting a second run for the same work. `protocol`:
+        (key, name) of the protocol execution this run belongs to: its parent run, found or made."""
         check_reachable(uri)
         import mlflow  # imported here: ~1 s, and only the commands that track pay it
         from mlflow.tracking import MlflowClient
@@ -152,6 +177,8 @@ class TrackedRun:
                     experiment, tags=EXPERIMENT_TAGS)
                 if found and found.tags.get(EXPERIMENT_KIND) is None:
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
+                if protocol is not None and parent_run_id is None:
+                    parent_run_id = self._protocol_run(*protocol, tags=tags)
             all_tags = dict(tags)
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
@@ -169,12 +196,38 @@ class TrackedRun:
         except Exception as error:  # the store itself failed (bad path, server error): one line, not a traceback
             raise TrackingError(f"MLflow store {uri} cannot be written: {str(error).splitlines()[0]}") from None
         self.run_id = run.info.run_id
+        self.experiment = experiment
+        self.parent_run_id = run.data.tags.get("mlflow.parentRunId", parent_run_id)
         from mlflow.entities import Param
 
         logged = self.client.get_run(self.run_id).data.params  # a resumed run has them already
         items = [Param(key, value[:6000]) for key, value in sorted(params.items()) if key not in logged]
         for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def _protocol_run(self, key: str, name: str, *, tags: Mapping[str, str]) -> str:
+        """The parent run of protocol execution `key`, made (and marked finished: it only groups) by its first stage;
+        called while the store is locked, so two stages never make two."""
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PROTOCOL_TAG}` = '{key}'",
+                                        max_results=1)
+        if found:
+            return found[0].info.run_id
+        inherited = {k: v for k, v in tags.items() if k.startswith(("mlflow.source.git", "dvc.experiment", "profile"))}
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**inherited, PROTOCOL_TAG: key, "stage": "protocol"})
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def log_dataset(self, index: Path, *, name: str, context: str) -> None:
+        """Record the shards this run read (the runs table's Dataset column): their index file, named by its
+        sha256 (which covers every shard's own sha256)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from pipelines.provenance import file_sha256
+
+        dataset = Dataset(name=name, digest=file_sha256(index)[:12], source_type="local",
+                          source=json.dumps({"uri": str(index.parent.resolve())}))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def log_metrics(self, metrics: Mapping[str, Any], *, step: int) -> None:
         """Log the numeric entries of `metrics` at `step` (names through `metric_name`)."""
@@ -217,25 +270,88 @@ class TrackedRun:
             figure.savefig(path, dpi=100)
             self.client.log_artifact(self.run_id, str(path))
 
-    def register_model(self, checkpoint: Path, *, name: str, tags: Mapping[str, str]) -> str:
-        """Log the final checkpoint as the run's `model/` artifact and register it as a new version of `name` with
-        `tags`; returns the version. The registered artifact is what `vgg evaluate` takes (tensors and primitives,
-        loaded with weights_only: no code runs on load). A torch.export MLflow model instead costs ~12 s per
-        training stage here (dynamo import, export trace, requirement checks) for a format nothing downstream reads."""
-        from mlflow.exceptions import MlflowException
+    def register_model(self, checkpoint: Path, *, stats: Path, crop: int, name: str, tags: Mapping[str, str]) -> str:
+        """Log the final checkpoint as this run's MLflow model `model` (`pipelines/mlflow_model.py`: code, the
+        checkpoint and the colour statistics `stats`; nothing pickled), with its signature and an input example of
+        two `crop` px crops, and register it as a new version of `name` with `tags`; returns the version.
+        `mlflow.pyfunc.load_model("models:/<name>/<version>")` loads it. The run gets the model file's sha256
+        (MODEL_TAG), by which `vgg report` finds it. A torch.export model instead costs ~12 s per training stage
+        (benchmarks/RESULTS.md); this one ~2 s."""
+        import numpy as np
 
-        self.client.log_artifact(self.run_id, str(checkpoint), artifact_path="model")
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = self.client.create_model_version(name, source=f"runs:/{self.run_id}/model", run_id=self.run_id,
-                                                   tags=dict(tags))
-        return str(version.version)
+        from pipelines.provenance import file_sha256
+
+        self.client.set_tag(self.run_id, MODEL_TAG, file_sha256(checkpoint))
+        example = np.random.default_rng(0).uniform(0, 255, (2, 3, crop, crop)).astype(np.float32)
+        self._mlflow.set_tracking_uri(self.uri)
+        with self._mlflow.start_run(run_id=self.run_id):  # the fluent log_model writes to the active run
+            logged = self._mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"checkpoint": str(checkpoint), "stats": str(stats)}, input_example=example,
+                pip_requirements=[f"{package}=={version(package)}" for package in ("torch", "numpy", "mlflow")],
+                registered_model_name=name,
+            )
+        registered = str(logged.registered_model_version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, registered, key, value)
+        return registered
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+EVAL_MODES = {"dense": "dense", "multicrop": "multicrop", "dense+multicrop": "both"}  # metric name part
+
+
+def eval_metrics(result: Any) -> dict[str, float]:
+    """A report result (`vgg.report.Result`) as the metrics every model's run carries under the same names, so the
+    runs table's columns are Tables 3-5: `eval/<dense|multicrop|both>_<single|multi>/top1_err` (and top5_err, and
+    their 95% interval bounds)."""
+    prefix = f"eval/{EVAL_MODES[result.mode]}_{'multi' if len(result.scales) > 1 else 'single'}"
+    return {f"{prefix}/top1_err": result.top1_err, f"{prefix}/top5_err": result.top5_err,
+            f"{prefix}/top1_ci_low": result.top1_ci[0], f"{prefix}/top1_ci_high": result.top1_ci[1],
+            f"{prefix}/top5_ci_low": result.top5_ci[0], f"{prefix}/top5_ci_high": result.top5_ci[1]}
+
+
+def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[str, str]) -> list[str]:
+    """Log each placed evaluation result (`vgg.report.Result`) to the run of the model it evaluated (found by the
+    model file's sha256, MODEL_TAG) and each fusion of several models to a `fusion-<configs>-<S>` run beside the
+    report's; then set the registered-model alias `champion` on the best single model of Table 4 (dense, multiple
+    Q). Returns one line per thing it could not place (a model trained untracked, say)."""
+    client, notes = report.client, []
+    by_run: dict[str, dict[str, float]] = {}
+    fusions: dict[str, dict[str, float]] = {}
+    for result in results:
+        if result.model is None:
+            name = f"fusion-{result.config}-{result.train_label}"
+            fusions.setdefault(name, {}).update(eval_metrics(result))
+            continue
+        found = client.search_runs([report.experiment_id], filter_string=f"tags.`{MODEL_TAG}` = '{result.model}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            notes.append(f"{result.path}: no MLflow run recorded its model (trained with --no-track?)")
+            continue
+        by_run.setdefault(found[0].info.run_id, {}).update(eval_metrics(result))
+    for run_id, metrics in by_run.items():
+        report.client.log_batch(run_id, metrics=_metrics(metrics))
+    for name, metrics in fusions.items():
+        fusion = TrackedRun(uri=report.uri, experiment=report.experiment, run_name=name,
+                            tags={**tags, "stage": "fusion", "config": name.split("-")[1]}, params={},
+                            parent_run_id=report.parent_run_id)
+        fusion.log_metrics(metrics, step=0)
+        fusion.finish()
+    best = min(by_run, key=lambda run_id: by_run[run_id].get("eval/dense_multi/top1_err", float("inf")), default=None)
+    if best is not None and "eval/dense_multi/top1_err" in by_run[best]:
+        for version in client.search_model_versions(f"run_id = '{best}'"):
+            client.set_registered_model_alias(version.name, "champion", version.version)
+    return notes
+
+
+def _metrics(values: Mapping[str, float]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(metric_name(key), float(value), now, 0) for key, value in values.items()]
 
 
 def end_status(error: BaseException) -> str:

@@ -19,15 +19,20 @@ from pipelines.cluster import free_port, token_env, write_token
 
 # A new user's machine: the session and every process it starts see an empty home and XDG directories, so nothing
 # the developer's home holds (a Ray token, DVC, MLflow or pip configuration, caches) can make a test pass.
-HOME = Path(tempfile.mkdtemp(prefix="vgg-test-home-"))
-os.environ.update(HOME=str(HOME), **{f"XDG_{kind}_HOME": str(HOME / f".{kind.lower()}")
-                                     for kind in ("CONFIG", "CACHE", "DATA", "STATE")},
-                  DVC_SITE_CACHE_DIR=str(HOME / "dvc-site-cache"))  # not /var/tmp/dvc, which earlier runs filled
-# The shared cluster's token, set before anything imports Ray (Ray reads RAY_AUTH_MODE once, at import): every
-# in-process driver and every subprocess of the session is a client of that cluster.
-os.environ.pop("RAY_AUTH_TOKEN", None)
-TOKEN = write_token(Path(tempfile.mkdtemp(prefix="vgg-test-token-")))
-os.environ.update(token_env(TOKEN))
+# This module runs twice per session (as pytest's conftest and as `tests.conftest`, which tests import from): the
+# second run must find the first one's home and token, or the shared cluster and its clients would hold two tokens.
+if "VGG_TEST_HOME" not in os.environ:
+    _home = Path(tempfile.mkdtemp(prefix="vgg-test-home-"))
+    os.environ.update(VGG_TEST_HOME=str(_home), HOME=str(_home),
+                      **{f"XDG_{kind}_HOME": str(_home / f".{kind.lower()}") for kind in ("CONFIG", "CACHE", "DATA",
+                                                                                          "STATE")},
+                      DVC_SITE_CACHE_DIR=str(_home / "dvc-site-cache"))  # not /var/tmp/dvc, which earlier runs filled
+    # The shared cluster's token, set before anything imports Ray (Ray reads RAY_AUTH_MODE once, at import): every
+    # in-process driver and every subprocess of the session is a client of that cluster.
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(token_env(write_token(Path(tempfile.mkdtemp(prefix="vgg-test-token-")))))
+HOME = Path(os.environ["VGG_TEST_HOME"])
+TOKEN = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
 
 
 def pytest_unconfigure(config) -> None:

@@ -30,6 +30,7 @@ from ray.util.state import list_actors, list_jobs
 from pipelines import cli
 from pipelines.cluster import start, stop
 from pipelines.params import load_profile
+from pipelines.provenance import file_sha256
 from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_job, run
 from pipelines.tracking import RESUME_TAG, flatten
 from tests.conftest import TOKEN, free_port
@@ -127,7 +128,7 @@ def trained_a(ray_cluster, mlflow_server, tiny_params, tiny_shards, tmp_path_fac
     client = MlflowClient(mlflow_server)
     profile = load_profile(tiny_params, overrides=["train.workers=2"])
     experiment = client.get_experiment_by_name(f"vgg-{profile.name}")
-    before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    before = len(_stage_runs(client, experiment.experiment_id)) if experiment else 0
     command = _train_command(tiny_params, tiny_shards, config="A", scale="low", out="a.pt", extra=("--workers", "2"))
     process = subprocess.Popen(command, cwd=tmp, env=_env(ray_cluster, MLFLOW_TRACKING_URI=mlflow_server),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -222,10 +223,15 @@ def _epochs(trained_a: TrainedA) -> int:
     return int(re.search(r"wrote a\.pt: epoch (\d+),", trained_a.process.stdout).group(1))
 
 
+def _stage_runs(client: MlflowClient, experiment_id: str) -> list:
+    """The experiment's runs but the protocol parents (which only group a protocol execution's stage runs)."""
+    return [run for run in client.search_runs([experiment_id]) if run.data.tags.get("stage") != "protocol"]
+
+
 def test_vgg_train_is_one_mlflow_run_with_params_curves_artifacts_and_a_registered_model(trained_a, mlflow_server):
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("vgg-tiny")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = _stage_runs(client, experiment.experiment_id)
     assert len(runs) == trained_a.runs_before + 1, "a 2-worker run must be exactly one MLflow run"
     (logged,) = [r for r in runs if r.data.tags.get(RESUME_TAG) == trained_a.job.run_name]
     assert logged.info.status == "FINISHED"
@@ -250,6 +256,30 @@ def test_vgg_train_is_one_mlflow_run_with_params_curves_artifacts_and_a_register
     assert version.tags.keys() == TAG_KEYS
     assert version.tags == {key: logged.data.tags[key] for key in TAG_KEYS}
     assert version.tags["config"] == "A" and version.tags["scale"] == "40" and version.tags["stage"] == "train"
+
+    # What the runs table shows: its source (the command, the commit), its dataset, its parent protocol run, and
+    # the model it wrote, which loads in one line and gives the written model's posteriors.
+    tags = logged.data.tags
+    assert tags["mlflow.source.name"] == "vgg train" and tags["mlflow.source.git.commit"]
+    assert tags["vgg.model_sha256"] == file_sha256(trained_a.out)
+    parent = client.get_run(tags["mlflow.parentRunId"])
+    assert parent.data.tags["stage"] == "protocol" and parent.info.run_name == "protocol-tiny"
+    (dataset,) = logged.inputs.dataset_inputs
+    assert dataset.dataset.name == "shards-tiny" and dataset.dataset.digest == file_sha256(
+        trained_a.job.shards / "index.json")[:12]
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/vgg-A/{version.version}")
+    images = np.random.default_rng(0).uniform(0, 255, (2, 3, 32, 32)).astype(np.float32)
+    model = load_model(trained_a.out)
+    stats = read_stats(trained_a.job.shards)
+    with torch.no_grad():
+        expected = torch.softmax(model(Preprocess(stats)(torch.from_numpy(images))), dim=1).numpy()
+    np.testing.assert_allclose(loaded.predict(images), expected, rtol=1e-5, atol=1e-6)
+    # And its per-epoch curve beside the model, for `dvc plots show`.
+    curve = trained_a.out.with_suffix(".epochs.csv").read_text().splitlines()
+    assert curve[0] == "epoch,train_loss,val_top1_err,val_top5_err,lr" and len(curve) == 1 + _epochs(trained_a)
 
 
 def test_the_two_workers_ran_one_per_node(trained_a, ray_cluster):

@@ -14,7 +14,26 @@ from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_r
 from tests.conftest import free_port
 
 
-def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server, tmp_path):
+def _real_model(tmp_path, tiny_params):
+    """A `vgg train`-format final model of A (the tiny profile's shapes) and colour statistics, as a run writes."""
+    import numpy as np
+
+    from pipelines.params import load_profile
+    from vgg.models import from_config
+    from vgg.train import checkpoint
+
+    profile = load_profile(tiny_params)
+    model = from_config("A", profile.model, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "A-low.pt"
+    checkpoint.save(path, {**checkpoint.header(config="A", profile=profile, scale=profile.scales.low),
+                           "model": model.state_dict()})
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean_rgb": [120.0, 110.0, 100.0], "eigval": [0.2, 0.02, 0.002],
+                                 "eigvec": np.eye(3).tolist()}))
+    return model.eval(), path, stats, profile.model.crop
+
+
+def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server, tmp_path, tiny_params):
     run = TrackedRun(
         uri=mlflow_server,
         experiment="vgg-test",
@@ -27,10 +46,11 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     run.log_metrics({"table5/D/dense+multicrop/top1_err": 21.5}, step=0)  # the report's keys: `+` is refused
     run.log_dict({"profile": "test"}, "config.json")
     run.log_curves()
-    weights = tmp_path / "A-low.pt"
-    torch.save({"model": {"fc.weight": torch.arange(6.0).view(2, 3)}}, weights)
-    version = run.register_model(weights, name="vgg-test-A", tags={"config": "A", "scale": "40"})
-    again = run.register_model(weights, name="vgg-test-A", tags={"config": "A", "scale": "40"})
+    model, weights, stats, crop = _real_model(tmp_path, tiny_params)
+    version = run.register_model(weights, stats=stats, crop=crop, name="vgg-test-A",
+                                 tags={"config": "A", "scale": "40"})
+    again = run.register_model(weights, stats=stats, crop=crop, name="vgg-test-A",
+                               tags={"config": "A", "scale": "40"})
     run.finish()
 
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -48,8 +68,21 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     registered = client.get_model_version("vgg-test-A", version)
     assert registered.tags == {"config": "A", "scale": "40"} and registered.run_id == run.run_id
     assert int(again) == int(version) + 1  # the registered model exists already: a new version
-    downloaded = client.download_artifacts(run.run_id, "model/A-low.pt", str(tmp_path / "download"))
-    assert torch.equal(torch.load(downloaded, weights_only=True)["model"]["fc.weight"], torch.arange(6.0).view(2, 3))
+    # The registered version is an MLflow model that loads in one line, with a signature and an input example, and
+    # gives our model's softmax posteriors of mean-subtracted input.
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/vgg-test-A/{version}")
+    assert tuple(loaded.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, crop, crop)
+    assert loaded.metadata.saved_input_example_info  # the input example is stored with the model
+    images = np.random.default_rng(1).uniform(0, 255, (3, 3, crop, crop)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(images) - torch.tensor([120.0, 110.0, 100.0]).view(1, 3, 1, 1)),
+                                 dim=1).numpy()
+    np.testing.assert_allclose(loaded.predict(images), expected, rtol=1e-5, atol=1e-6)
+    assert registered.run_id == run.run_id and logged.data.tags["vgg.model_sha256"]
 
 
 def test_an_experiment_made_before_gets_the_training_kind(mlflow_server):

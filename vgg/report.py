@@ -150,6 +150,7 @@ class Result:
     top1_ci: tuple[float, float]
     top5_ci: tuple[float, float]
     scored: Scored
+    model: str | None = None  # sha256 of the model file evaluated (meta `model_sha256`), when one model was
 
     @property
     def cell(self) -> tuple[str, str, str | None, str]:
@@ -190,6 +191,7 @@ class ReportPaths:
     markdown: Path
     metrics: Path
     plots: tuple[Path, ...]
+    placed: tuple[Result, ...] = ()  # the results the tables show
 
 
 def write_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ReportPaths:
@@ -205,7 +207,7 @@ def write_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     )
     metrics = write_atomic(out / "metrics.json", (json.dumps(_metrics(cells, found), indent=2) + "\n").encode())
     markdown = write_atomic(out / "report.md", _markdown(results, cells, found, notes, plots).encode())
-    return ReportPaths(markdown=markdown, metrics=metrics, plots=plots)
+    return ReportPaths(markdown=markdown, metrics=metrics, plots=plots, placed=tuple(cells.values()))
 
 
 def collect(results_dir: str | os.PathLike[str]) -> tuple[list[Result], dict[tuple, Result], list[str]]:
@@ -244,6 +246,7 @@ def collect(results_dir: str | os.PathLike[str]) -> tuple[list[Result], dict[tup
             top1_ci=wilson(wrong1, count),
             top5_ci=wilson(wrong5, count),
             scored=scored,
+            model=meta.get("model_sha256"),
         )
         results.append(result)
         if kind is None:

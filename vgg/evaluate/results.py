@@ -116,7 +116,7 @@ def fuse(posteriors: Sequence[Posteriors]) -> Posteriors:
     if len(set(models)) == 1 and modes == ["dense", "multicrop"]:
         # One model's dense and multi-crop posteriors: the paper's "dense + multi-crop" (§4.3, Table 5).
         meta.update(config=models[0], models=models[:1], mode="dense+multicrop")
-    for key in ("mode", "scales", "train_scale", "crop", "grid", "split", "num_classes"):
+    for key in ("mode", "scales", "train_scale", "crop", "grid", "split", "num_classes", "model_sha256"):
         values = [p.meta.get(key) for p in posteriors]
         if values[0] is not None and all(value == values[0] for value in values):
             meta[key] = values[0]
