@@ -37,3 +37,18 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class OutputError(DataError, OSError):
+    """A write the operating system refused (disk full, quota, read-only or unwritable location): one line for the
+    user, as every VGGError, and still an OSError with the errno and reason for code that handles failed writes."""
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None) -> None:
+        OSError.__init__(self, errno, strerror or message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple:  # across processes (an ingest worker's write) with the same three fields
+        return type(self), (self.message, self.errno, self.strerror)

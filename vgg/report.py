@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgg.files import write_atomic
+from vgg.files import check_writable, write_atomic
 from vgg.errors import DataError
 from vgg.evaluate.metrics import top_k, top_k_correct
 from vgg.evaluate.results import Posteriors
@@ -196,6 +196,7 @@ class ReportPaths:
 
 def write_report(results_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ReportPaths:
     """Read every posteriors file under `results_dir`; write report.md, metrics.json and plots to `out_dir`."""
+    check_writable(out_dir, "--out")  # an unwritable or full location is one line before the results are read
     results, cells, notes = collect(results_dir)
     found = findings({cell: result.scored for cell, result in cells.items()})
     out = Path(out_dir)

@@ -34,7 +34,6 @@ import math
 import multiprocessing
 import os
 import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from tqdm import tqdm
 
 from vgg.config import SynthConfig
 from vgg.data.imagenet import DEVKIT_ARCHIVE, DEVKIT_DIR, GROUND_TRUTH, META_MAT, TRAIN_ARCHIVE, VAL_ARCHIVE
+from vgg.files import AtomicFiles, check_writable
 
 MTIME = 1_335_830_400  # 2012-05-01 UTC: a fixed tar mtime keeps archives byte-identical
 TRAIN_NUMBERS = 20_000  # train file numbers N in `wnid_N.JPEG` are drawn from 1..max(this, 2 × images per class)
@@ -89,11 +89,11 @@ def class_design(label: int) -> tuple[str, str, float]:
 def synthesize(
     out_dir: str | os.PathLike[str], config: SynthConfig, *, progress: bool = False, workers: int | None = None
 ) -> SynthReport:
-    """Write the three ILSVRC-2012 archives of the generated dataset into `out_dir` (created if needed; each archive
-    replaced atomically, other files left alone). Identical `config` → byte-identical archives, whatever `workers`
+    """Write the three ILSVRC-2012 archives of the generated dataset into `out_dir` (created if needed; the three
+    replaced together once all are written, other files left alone; an unwritable `out_dir` or a full disk is an
+    `OutputError` line and leaves no temporary file). Identical `config` → byte-identical archives, whatever `workers`
     (processes drawing images; default: all CPUs; a pool is only started for ≥ POOL_MIN_IMAGES images)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out_dir, "OUT")  # one line now, not a traceback after the images are drawn
     synsets = leaf_synsets()
     classes = [wnid for wnid, _ in synsets[: config.classes]]
     train_names = _train_names(classes, config)
@@ -111,26 +111,30 @@ def synthesize(
     jobs += [(config, 1, int(label), index, quirks.get(name)) for index, (name, label) in enumerate(zip(val_names, val_labels))]
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // POOL_MIN_IMAGES))
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    files = pool.map(_image_job, jobs, chunksize=16) if pool else map(_image_job, jobs)  # in job order either way
+    images = pool.map(_image_job, jobs, chunksize=16) if pool else map(_image_job, jobs)  # in job order either way
     bar = tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress)
+    # The three archives are published together, after every byte is written: a full disk or an interrupt leaves
+    # the previous archives (or none) and no temporary file.
     try:
-        with _AtomicTar(out / TRAIN_ARCHIVE) as train_tar:
-            for label in order:
-                inner = io.BytesIO()
-                with _writer(inner) as inner_tar:
-                    for index in members[label]:
-                        _add(inner_tar, train_names[label][index], next(files))
-                        bar.update()
-                _add(train_tar, f"{classes[label]}.tar", inner.getvalue())
-        with _AtomicTar(out / VAL_ARCHIVE) as val_tar:
-            for name in val_names:
-                _add(val_tar, name, next(files))
-                bar.update()
+        with AtomicFiles() as files:
+            with _writer(files.open(out / TRAIN_ARCHIVE)) as train_tar:
+                for label in order:
+                    inner = io.BytesIO()
+                    with _writer(inner) as inner_tar:
+                        for index in members[label]:
+                            _add(inner_tar, train_names[label][index], next(images))
+                            bar.update()
+                    _add(train_tar, f"{classes[label]}.tar", inner.getvalue())
+            with _writer(files.open(out / VAL_ARCHIVE)) as val_tar:
+                for name in val_names:
+                    _add(val_tar, name, next(images))
+                    bar.update()
+            files.open(out / DEVKIT_ARCHIVE).write(_devkit(synsets, config, val_labels))
+            files.commit()
     finally:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
-    _write_devkit(out / DEVKIT_ARCHIVE, synsets, config, val_labels)
     return SynthReport(out=out, classes=tuple(classes), train=sum(map(len, train_names)), val=len(val_names), quirks=quirks)
 
 
@@ -383,32 +387,6 @@ def _texture(
 # ---- archives -------------------------------------------------------------------------------------------------
 
 
-class _AtomicTar:
-    """An uncompressed USTAR tar written to a temporary file next to `path` and renamed into place on success."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> tarfile.TarFile:
-        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.file = os.fdopen(handle, "wb")
-        self.tar = _writer(self.file)
-        return self.tar
-
-    def __exit__(self, kind: object, error: object, trace: object) -> None:
-        try:
-            self.tar.close()
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        finally:
-            self.file.close()
-            if kind is None:
-                os.chmod(self.temporary, 0o644)  # mkstemp makes it 0600
-                os.replace(self.temporary, self.path)
-            else:
-                os.unlink(self.temporary)
-
-
 def _writer(file: io.IOBase) -> tarfile.TarFile:
     return tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
 
@@ -424,7 +402,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, *, directory: bool = Fals
     tar.addfile(info, None if directory else io.BytesIO(data))
 
 
-def _write_devkit(path: Path, synsets: list[tuple[str, str]], config: SynthConfig, val_labels: np.ndarray) -> None:
+def _devkit(synsets: list[tuple[str, str]], config: SynthConfig, val_labels: np.ndarray) -> bytes:
+    """The devkit archive's bytes (small: meta.mat and the ground truth)."""
     ids = np.random.default_rng((config.seed, 7)).permutation(1000) + 1  # ILSVRC2012_ID of sorted leaf i
     truth = "".join(f"{ids[label]}\n" for label in val_labels).encode()
     readme = (
@@ -438,17 +417,7 @@ def _write_devkit(path: Path, synsets: list[tuple[str, str]], config: SynthConfi
         _add(tar, f"{DEVKIT_DIR}/readme.txt", readme)
         _add(tar, f"{DEVKIT_DIR}/{META_MAT}", _meta_mat(synsets, ids, config))
         _add(tar, f"{DEVKIT_DIR}/{GROUND_TRUTH}", truth)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(buffer.getvalue())
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    return buffer.getvalue()
 
 
 # Internal synsets above the leaves (ILSVRC2012_ID from 1001, as in the real devkit): real WNIDs, simplified tree.
