@@ -108,6 +108,14 @@ def test_extracted_layout_gives_the_same_samples_as_the_archives(raw, tmp_path):
     for split in ("train", "val"):
         assert samples(root, split) == samples(raw, split)
 
+    # RAW assembled from links to a shared copy: the parts directly under RAW may be links (not what is inside them).
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("train", "val", "ILSVRC2012_devkit_t12"):
+        (linked / name).symlink_to(root / name, target_is_directory=True)
+    for split in ("train", "val"):
+        assert samples(linked, split) == samples(raw, split)
+
 
 @pytest.mark.parametrize("make, message", [
     (lambda path: path / "nothing-here", "does not exist"),

@@ -153,7 +153,8 @@ def test_out_with_a_different_input_is_refused_unless_overwrite(raw, shards, tmp
     report = ingest(raw[0], out, max_side=MAX_SIDE, shard_size=12, workers=1, overwrite=True)
     assert report.shards == {"train": 2, "val": 1} and not report.up_to_date
     assert sorted(p.name for p in out.iterdir()) == [  # the old output's extra shards are gone
-        "index.json", "stats.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+        ".ingest.lock", "index.json", "stats.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert (out / ".ingest.lock").read_bytes() == b""  # nothing left to recover
 
 
 def test_out_with_foreign_files_is_refused(raw, tmp_path):
@@ -241,3 +242,38 @@ def test_a_failed_write_publishes_nothing_and_keeps_the_previous_output(raw, sha
     assert result.returncode == 3, result.stderr[-2000:]
     assert "no space left while writing" in result.stdout and "nothing was published" in result.stdout
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, no temp file, no change
+
+
+def test_a_killed_run_is_recovered_from_its_record_and_nothing_else_is_touched(raw, shards, tmp_path):
+    """What a run killed while publishing leaves (as `_publish` orders it): its staging folder, the new shards moved
+    in, no index.json, and the lock file's record of both. The next run removes exactly what is recorded."""
+    out = tmp_path / "out"
+    shutil.copytree(shards[0], out)
+    (out / "index.json").unlink()
+    staging = out / ".ingest-4242-0123abcd"
+    staging.mkdir()
+    (staging / "val-000001.tar").write_bytes(b"half written")
+    (out / "train-000007.tar").write_bytes(b"moved in before the kill")
+    (out / ".ingest.lock").write_text(json.dumps({"pid": 4242, "staging": staging.name, "files": [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar", "train-000004.tar",
+        "train-000007.tar", "val-000000.tar", "val-000001.tar"]}))
+    (out / ".ingest-not-ours").mkdir()  # the project's prefix, but not recorded: never removed
+    report = ingest(raw[0], out, max_side=MAX_SIDE, shard_size=SHARD_SIZE, workers=1, overwrite=True)
+    assert not report.up_to_date and report.counts == {"train": 24, "val": 9}
+    assert not staging.exists() and not (out / "train-000007.tar").exists() and (out / ".ingest-not-ours").is_dir()
+    assert (out / ".ingest.lock").read_bytes() == b""
+    for name in ("index.json", "stats.json", *(f"train-{i:06d}.tar" for i in range(5)), "val-000000.tar"):
+        assert (out / name).read_bytes() == (shards[0] / name).read_bytes(), name
+
+
+def test_a_second_ingest_is_refused_while_the_lock_is_held(raw, shards, tmp_path):
+    """The lock is held for the whole run, including the up-to-date check: a second ingest is refused at once."""
+    import fcntl
+
+    out = tmp_path / "out"
+    shutil.copytree(shards[0], out)
+    with open(out / ".ingest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match=rf"another `vgg ingest` is using {out}; wait for it to finish"):
+            ingest(raw[0], out, max_side=MAX_SIDE, shard_size=SHARD_SIZE, workers=1)
+    assert ingest(raw[0], out, max_side=MAX_SIDE, shard_size=SHARD_SIZE, workers=1).up_to_date

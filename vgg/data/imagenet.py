@@ -22,9 +22,12 @@ Nothing is ever extracted by path; a member with an absolute name or a `..` comp
 
 from __future__ import annotations
 
+import errno
 import io
+import lzma
 import os
 import re
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -104,6 +107,8 @@ class RawImageNet:
         if not root.is_dir():
             raise DataError(f"raw data path {root} is not a directory; {EXPECTED}")
         self.root = root
+        for path in (root / name for name in (TRAIN_ARCHIVE, "train", VAL_ARCHIVE, "val", DEVKIT_ARCHIVE, DEVKIT_DIR)):
+            _check_part(path)
         self._train = _first_existing(root / TRAIN_ARCHIVE, root / "train")
         self._val = _first_existing(root / VAL_ARCHIVE, root / "val")
         self._devkit = _first_existing(root / DEVKIT_ARCHIVE, root / DEVKIT_DIR)
@@ -212,7 +217,7 @@ class RawImageNet:
 
     def read(self, ref: RawRef) -> bytes:
         """The bytes of one image (one positioned read; opens and closes the file)."""
-        with open(self.root / ref.path, "rb") as file:
+        with open_regular(self.root / ref.path) as file:
             return read_range(file, ref, root=self.root)
 
     def iter_split(self, split: Split) -> Iterator[RawImage]:
@@ -221,7 +226,7 @@ class RawImageNet:
         try:
             for ref in self.refs(split):
                 if ref.path not in files:
-                    files[ref.path] = open(self.root / ref.path, "rb")
+                    files[ref.path] = open_regular(self.root / ref.path)
                 data = read_range(files[ref.path], ref, root=self.root)
                 yield RawImage(key=ref.key, name=ref.name, data=data, label=ref.label, wnid=ref.wnid)
         finally:
@@ -238,6 +243,39 @@ def read_range(file: BinaryIO, ref: RawRef, *, root: Path) -> bytes:
             "the file is truncated or changed since it was indexed — re-download or re-copy it"
         )
     return data
+
+
+def _check_part(path: Path) -> None:
+    """An archive or folder directly under RAW may be a symbolic link (to a shared copy, say) but must resolve to a
+    regular file or a directory: opening a FIFO would block forever, a device would be read as data."""
+    if not os.path.lexists(path):
+        return
+    if not path.exists():
+        raise DataError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does not exist; fix the link or copy the data there")
+    if not (path.is_dir() or path.is_file()):
+        raise DataError(f"{path} is not a regular file or a directory ({_kind(path.stat().st_mode)}); {EXPECTED}")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, else OSError. Non-blocking open, so that a FIFO put in
+    place of a listed file makes an error instead of a wait for a writer that never comes."""
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(handle).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{_kind(mode)}, not a regular file", str(path))
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
 
 
 def _first_existing(*paths: Path) -> Path | None:
@@ -346,28 +384,41 @@ def _class_wnid(name: str, where: str, leaves: dict[str, str], *, suffix: str) -
 # ---- extracted directories ------------------------------------------------------------------------------------
 
 
-def _visible(folder: Path) -> list[os.DirEntry[str]]:
-    """Entries of a folder without hidden files (`.DS_Store` and the like), sorted by name."""
-    with os.scandir(folder) as entries:
-        return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda entry: entry.name)
+def _visible(folder: Path, where: str) -> list[os.DirEntry[str]]:
+    """Entries of a folder without hidden files (`.DS_Store` and the like), sorted by name. Below train/ and val/
+    only real folders and regular files are accepted: a symbolic link could point anywhere (outside RAW, at a FIFO
+    that blocks the read forever), and a device or FIFO is not data. Refused, not skipped: found before any work,
+    and the fix is one command."""
+    with os.scandir(folder) as scan:
+        entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_symlink():
+            raise DataError(
+                f"{where}{entry.name} is a symbolic link; links inside train/ and val/ are not followed: replace them "
+                f"by the files they point to (cp -rL), or link train/ or val/ itself"
+            )
+        if not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)):
+            kind = _kind(entry.stat(follow_symlinks=False).st_mode)
+            raise DataError(f"{where}{entry.name} is {kind}, not a regular file or folder; remove it")
+    return entries
 
 
 def _image_files(folder: Path, root: Path, where: str) -> list[tuple[str, str, int, int]]:
     found = []
-    for entry in _visible(folder):
-        if not (entry.is_file() and _is_image_name(entry.name)):
+    for entry in _visible(folder, where):
+        if not (entry.is_file(follow_symlinks=False) and _is_image_name(entry.name)):
             raise DataError(f"unexpected {entry.name!r} in {where}; expected only image files (*.JPEG)")
-        found.append((entry.name, str(Path(entry.path).relative_to(root)), 0, entry.stat().st_size))
+        found.append((entry.name, str(Path(entry.path).relative_to(root)), 0, entry.stat(follow_symlinks=False).st_size))
     return found
 
 
 def _list_train_dir(folder: Path, root: Path, leaves: dict[str, str]) -> list[tuple[str, str, str, int, int]]:
     entries = []
-    classes = _visible(folder)
+    classes = _visible(folder, f"{folder.name}/")
     if not classes:
         raise DataError(f"{folder} is empty; {EXPECTED}")
     for entry in classes:
-        if not entry.is_dir():
+        if not entry.is_dir(follow_symlinks=False):
             raise DataError(f"unexpected file {entry.name!r} in {folder}; expected one nXXXXXXXX/ folder per class")
         wnid = _class_wnid(entry.name, str(folder), leaves, suffix="")
         images = _image_files(Path(entry.path), root, f"{folder.name}/{entry.name}/")
@@ -379,8 +430,8 @@ def _list_train_dir(folder: Path, root: Path, leaves: dict[str, str]) -> list[tu
 
 def _list_val_dir(folder: Path, root: Path) -> tuple[list[tuple[str, str, int, int]], dict[str, list]]:
     """Flat val/ (files) or val/nXXXXXXXX/ (folders → {wnid: files}); a mix of both is refused."""
-    entries = _visible(folder)
-    folders = [entry for entry in entries if entry.is_dir()]
+    entries = _visible(folder, f"{folder.name}/")
+    folders = [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
     if not entries:
         raise DataError(f"{folder} is empty; {EXPECTED}")
     if not folders:
@@ -429,7 +480,7 @@ def _read_devkit_archive(path: Path) -> dict[str, bytes]:
     except tarfile.ReadError as error:
         reason = "is empty" if "empty" in str(error) else "is not a (gzipped) tar archive"
         raise DataError(f"{path.name} {reason} ({error}); re-download it") from None
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise DataError(f"{path.name} is truncated or corrupt ({error}); re-download it") from None
     lacking = [name for name in wanted if wanted[name] not in files]
     if lacking:
@@ -439,20 +490,32 @@ def _read_devkit_archive(path: Path) -> dict[str, bytes]:
 
 def _parse_meta(data: bytes, where: str) -> tuple[dict[str, str], dict[int, str]]:
     """Leaf synsets (num_children == 0) as (WNID → words, ILSVRC2012_ID → WNID); checks the real file's fields."""
+    expected = "expected the ILSVRC-2012 devkit's meta.mat (a MAT v5 file with a 'synsets' struct array); re-download the devkit"
     try:
         synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
-        fields = synsets.dtype.names or ()
-    except (ValueError, TypeError, KeyError, OSError, zlib.error) as error:
-        raise DataError(f"{where} is not the devkit's meta.mat ({error}); re-download the devkit") from None
+    except NotImplementedError:  # scipy reads MAT v4-v7; v7.3 files are HDF5
+        raise DataError(f"{where} is a MAT v7.3 (HDF5) file, which is not read; {expected}") from None
+    except KeyError:
+        raise DataError(f"{where} holds no 'synsets' variable; {expected}") from None
+    except Exception as error:  # scipy raises many types for a truncated or foreign file
+        raise DataError(f"{where} is not a readable MAT file ({type(error).__name__}: {_first_line(error)}); {expected}") from None
+    fields = getattr(synsets, "dtype", np.dtype(int)).names or ()
     lacking = [field for field in META_FIELDS if field not in fields]
     if lacking:
-        raise DataError(f"{where} lacks synset fields {', '.join(lacking)}; re-download the devkit")
-    leaves = [synset for synset in np.atleast_1d(synsets) if int(synset["num_children"]) == 0]
-    words = {str(synset["WNID"]): str(synset["words"]) for synset in leaves}
-    ids = {int(synset["ILSVRC2012_ID"]): str(synset["WNID"]) for synset in leaves}
+        raise DataError(f"{where} lacks synset fields {', '.join(lacking)}; {expected}")
+    try:
+        leaves = [synset for synset in np.atleast_1d(synsets) if int(synset["num_children"]) == 0]
+        words = {str(synset["WNID"]): str(synset["words"]) for synset in leaves}
+        ids = {int(synset["ILSVRC2012_ID"]): str(synset["WNID"]) for synset in leaves}
+    except (TypeError, ValueError, IndexError) as error:
+        raise DataError(f"{where}: a synset field has the wrong type ({_first_line(error)}); {expected}") from None
     if not leaves or len(words) != len(leaves) or len(ids) != len(leaves):
         raise DataError(f"{where}: no leaf synsets, or duplicate WNIDs/ILSVRC2012_IDs among them; re-download the devkit")
     return words, ids
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _parse_truth(data: bytes, where: str, ids: dict[int, str]) -> tuple[str, ...]:

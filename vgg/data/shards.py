@@ -24,13 +24,22 @@ shard_size 64 → 47 shards, several per reader at 2 ranks × 2 workers.
 
 Safety: shards are written into a private staging folder inside OUT and renamed into place only when every shard,
 stats.json and the index are ready; on any failure (disk full included) the staging folder is removed and an
-existing complete output stays untouched (a killed run's staging folder is removed by the next run). Re-running with the same input (same images, max_side, shard_size) is a
-no-op; OUT holding the output of a different input is refused unless `overwrite=True`.
+existing complete output stays untouched. Re-running with the same input (same images, max_side, shard_size) is a
+no-op once every listed shard still has its recorded size and sha256; a damaged or missing shard makes the run
+rewrite the output. OUT holding the output of a different input is refused unless `overwrite=True`.
+One ingest at a time per OUT: `OUT/.ingest.lock` is held (flock) for the whole run, and a second one is refused in
+one line. Only files the project wrote are ever replaced or deleted: those the previous index.json lists and those
+the lock file records as being written by a run that was killed; any other file in the way is named, not touched.
+
+Bad input files: only Pillow's JPEG and PNG decoders run (never EPS through Ghostscript or any other plugin); a
+file over MAX_FILE_BYTES or MAX_PIXELS, one no decoder accepts, one whose decoder fails in any way, one too large
+to re-encode, or one that cannot be read is skipped: left out, listed in index.json "skipped" with the reason,
+and named in the summary line. The ingest goes on.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -38,9 +47,9 @@ import math
 import multiprocessing
 import os
 import re
+import secrets
 import shutil
 import tarfile
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -50,12 +59,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from vgg.data.imagenet import SPLITS, RawImageNet, RawRef, open_raw, read_range
-from vgg.files import write_atomic
+from vgg.data.imagenet import SPLITS, RawImageNet, RawRef, open_raw, open_regular, read_range
 from vgg.errors import ConfigError, DataError
+from vgg.files import NO_SPACE, file_sha256, write_atomic, write_error
 
 FORMAT = 1  # index.json "format"
 INGEST_VERSION = 1  # bump when the bytes ingestion writes change; part of the source fingerprint
@@ -63,8 +72,19 @@ JPEG_QUALITY = 95  # re-encoding (conversions, resizes), with 4:4:4 chroma
 SHUFFLE_SEED = 0  # the one fixed permutation of the training images before sharding
 STATS_STRIDE = 4  # colour statistics use every 4th pixel in each direction (1/16 of the pixels)
 MTIME = 1_335_830_400  # fixed tar header mtime (2012-05-01 UTC): byte-identical shards
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # EFBIG: a file-size limit (ulimit -f) reads the same to us
-OUR_FILES = re.compile(r"(index\.json|stats\.json|(train|val)-\d{6}\.tar|\.ingest-.*|\.index\.json\..*\.tmp)")
+DECODERS = ("JPEG", "PNG")  # the only Pillow plugins ever run on raw files (the real ones are all JPEG, one PNG)
+# Pixel cap, checked on the header before decoding. A PNG cannot be decoded at a reduced scale, so one image costs
+# 4 B per pixel (RGBA) and again 3 B after conversion: 64 Mi pixels (8192 x 8192) bound that to ~450 MB per
+# worker, and admit any camera photograph (a 50 MP sensor is 8688 x 5792 = 50.3 Mi). Pillow's own
+# decompression-bomb check (89.5 M pixels) stays on too, as an error for the file rather than a warning.
+MAX_PIXELS = 64 * 2**20
+# Byte cap per raw file, checked before reading it: a file's bytes are held in memory while it is decoded. A JPEG
+# under MAX_PIXELS is at most a few tens of MB even at quality 100.
+MAX_FILE_BYTES = 128 * 2**20
+JPEG_MAX_SIDE = 65_500  # libjpeg cannot encode a larger side; the check avoids its message on stderr
+LOCK_FILE = ".ingest.lock"
+SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
+SUMMARY_NAMES = 5  # skipped files named in the summary line; index.json lists them all
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,8 @@ class IngestReport:
     bytes_read: int  # raw image bytes
     bytes_written: int  # shard bytes
     seconds: float
+    skipped_names: tuple[str, ...] = ()  # file names of the skipped images (reasons in index.json "skipped")
+    repaired: tuple[str, ...] = ()  # why an output of the same input was rewritten (a damaged or missing file)
 
     @property
     def images_per_s(self) -> float:
@@ -89,11 +111,17 @@ class IngestReport:
     def summary(self) -> str:
         images = " + ".join(f"{self.counts[split]} {split}" for split in SPLITS)
         shards = " + ".join(str(self.shards[split]) for split in SPLITS)
+        skipped = f"{self.skipped} skipped"
+        if self.skipped:
+            names = ", ".join(self.skipped_names[:SUMMARY_NAMES])
+            more = f" and {self.skipped - SUMMARY_NAMES} more" if self.skipped > SUMMARY_NAMES else ""
+            skipped += f": {names}{more}, reasons in {self.out / 'index.json'} \"skipped\""
         if self.up_to_date:
-            return f"up to date: {self.out} already holds {images} images in {shards} shards from this input"
+            return f"up to date: {self.out} already holds {images} images in {shards} shards from this input ({skipped})"
+        repaired = f"; rewritten because {self.repaired[0]}" if self.repaired else ""
         return (
             f"ingested {images} images into {shards} shards in {self.out} ({self.converted} converted, "
-            f"{self.resized} resized, {self.skipped} skipped) in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s)"
+            f"{self.resized} resized, {skipped}) in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s){repaired}"
         )
 
 
@@ -162,53 +190,76 @@ def ingest(
     refs = {split: dataset.refs(split) for split in SPLITS}
     source = _fingerprint(dataset, refs, max_side=max_side, shard_size=shard_size)
     out = Path(out)
-    previous = _previous_index(out)
-    if previous is not None and previous.get("source") == source and _complete(out, previous):
-        return _report_from_index(out, previous, seconds=time.perf_counter() - started)
-    _check_out(out, previous, source, overwrite=overwrite)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} exists and is not a directory; choose a directory for the shards")
+    if out.is_dir():  # refuse a foreign OUT before creating anything in it (not even the lock file)
+        _check_out(out, _previous_index(out), _Lock.peek(out), source, overwrite=overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".ingest-*"):  # the staging folder of a run that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=out))
     except OSError as error:
-        raise DataError(f"cannot write to {out}: {error.strerror}; choose a writable OUT") from None
-    try:
-        tasks = [task for split in SPLITS for task in _plan(dataset, split, refs[split], staging, max_side, shard_size)]
-        results = _run(tasks, workers=workers, progress=progress, total=sum(len(r) for r in refs.values()))
-        by_split = {split: [r for t, r in zip(tasks, results) if t.file.startswith(f"{split}-") and r.count] for split in SPLITS}
-        if not by_split["train"] or not by_split["val"]:
-            raise DataError(f"no decodable images left in {'train' if not by_split['train'] else 'val'} of {raw}; see the skipped list")
-        stats = colour_stats(by_split["train"])
-        index = {
-            "format": FORMAT,
-            "classes": list(dataset.classes),
-            "names": list(dataset.names),
-            "max_side": max_side,
-            "source": source,
-            "splits": {
-                split: {
-                    "count": sum(r.count for r in by_split[split]),
-                    "shards": [{"file": r.file, "count": r.count, "sha256": r.sha256} for r in by_split[split]],
-                }
-                for split in SPLITS
-            },
-            "converted": [{"name": n, "reason": why} for n, why in sorted(c for r in results for c in r.converted)],
-            "skipped": [{"name": n, "reason": why} for n, why in sorted(s for r in results for s in r.skipped)],
-        }
-        write_atomic(staging / "stats.json", _json_bytes(stats.to_json()))
-        _publish(out, staging, [r.file for split in SPLITS for r in by_split[split]], index)
-    except BrokenProcessPool:
-        raise DataError(f"an ingest worker process died (out of memory?) while writing {out}; retry with fewer workers") from None
-    except OSError as error:
-        if error.errno in NO_SPACE:
-            raise DataError(
-                f"no space left while writing {out} ({error.strerror}); free space or choose another OUT — "
-                "nothing was published"
-            ) from None
-        raise DataError(f"ingest into {out} failed: {error}; nothing was published") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise write_error(out, error, option="OUT") from None
+    with _Lock(out) as lock:
+        record, previous = lock.record, _previous_index(out)  # again: another run may have written meanwhile
+        _remove_staging(out, record)
+        repaired: list[str] = []
+        if previous is not None and previous.get("source") == source:
+            repaired = _damaged(out, previous)
+            if not repaired:
+                lock.keep = False  # whatever a killed run recorded is listed in this index or was removed
+                return _report_from_index(out, previous, seconds=time.perf_counter() - started)
+        _check_out(out, previous, record, source, overwrite=overwrite)
+        owned = _owned(previous, record)
+        staging = out / f".ingest-{os.getpid()}-{secrets.token_hex(4)}"
+        lock.write({"pid": os.getpid(), "staging": staging.name, "files": record.get("files", [])})
+        try:
+            staging.mkdir()
+        except OSError as error:
+            raise write_error(out, error, option="OUT") from None
+        try:
+            tasks = [task for split in SPLITS for task in _plan(dataset, split, refs[split], staging, max_side, shard_size)]
+            _check_in_the_way(out, [task.file for task in tasks], owned, previous, overwrite=overwrite)
+            results = _run(tasks, workers=workers, progress=progress, total=sum(len(r) for r in refs.values()))
+            by_split = {split: [r for t, r in zip(tasks, results) if t.file.startswith(f"{split}-") and r.count] for split in SPLITS}
+            skipped = sorted(s for r in results for s in r.skipped)
+            for split in SPLITS:
+                if not by_split[split]:
+                    example = next((f"{name} ({why})" for t, r in zip(tasks, results) if t.file.startswith(f"{split}-")
+                                    for name, why in r.skipped), "")
+                    raise DataError(
+                        f"no images left in {split} of {raw}: all {len(refs[split])} were skipped, e.g. {example}; "
+                        "fix or replace those files"
+                    )
+            stats = colour_stats(by_split["train"])
+            index = {
+                "format": FORMAT,
+                "classes": list(dataset.classes),
+                "names": list(dataset.names),
+                "max_side": max_side,
+                "source": source,
+                "splits": {
+                    split: {
+                        "count": sum(r.count for r in by_split[split]),
+                        "shards": [{"file": r.file, "count": r.count, "sha256": r.sha256, "bytes": r.bytes_written}
+                                   for r in by_split[split]],
+                    }
+                    for split in SPLITS
+                },
+                "converted": [{"name": n, "reason": why} for n, why in sorted(c for r in results for c in r.converted)],
+                "skipped": [{"name": n, "reason": why} for n, why in skipped],
+            }
+            write_atomic(staging / "stats.json", _json_bytes(stats.to_json()))
+            _publish(out, staging, [r.file for split in SPLITS for r in by_split[split]], index, owned=owned, lock=lock)
+        except BrokenProcessPool:
+            raise DataError(f"an ingest worker process died (out of memory?) while writing {out}; retry with fewer workers") from None
+        except OSError as error:
+            if error.errno in NO_SPACE:
+                raise DataError(
+                    f"no space left while writing {out} ({error.strerror}); free space or choose another OUT — "
+                    "nothing was published"
+                ) from None
+            raise DataError(f"ingest into {out} failed: {error}; nothing was published") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return IngestReport(
         out=out,
         up_to_date=False,
@@ -220,6 +271,8 @@ def ingest(
         bytes_read=sum(r.bytes_read for r in results),
         bytes_written=sum(r.bytes_written for r in results),
         seconds=time.perf_counter() - started,
+        skipped_names=tuple(name for name, _ in skipped),
+        repaired=tuple(repaired),
     )
 
 
@@ -280,22 +333,55 @@ def _previous_index(out: Path) -> dict[str, Any] | None:
     return index if isinstance(index, dict) else {}
 
 
-def _complete(out: Path, index: dict[str, Any]) -> bool:
+def _listed(index: dict[str, Any] | None) -> list[str]:
+    """Shard file names an index lists ([] for an unreadable one)."""
     try:
-        files = [shard["file"] for split in SPLITS for shard in index["splits"][split]["shards"]]
+        return [str(shard["file"]) for split in SPLITS for shard in index["splits"][split]["shards"]]  # type: ignore[index]
     except (KeyError, TypeError):
-        return False
-    return (out / "stats.json").is_file() and all((out / name).is_file() for name in files)
+        return []
 
 
-def _check_out(out: Path, previous: dict[str, Any] | None, source: dict[str, Any], *, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"OUT {out} exists and is not a directory; choose a directory for the shards")
-    if overwrite or not out.exists():
+def _damaged(out: Path, index: dict[str, Any]) -> list[str]:
+    """What is wrong with a complete-looking output of this input: missing files, or shards whose size or sha256
+    is not the recorded one (truncated, overwritten, bit rot). [] when every byte is as ingest wrote it: reads
+    every shard (about 1.3 GB/s here; 22 MB for the small profile)."""
+    files = _listed(index)
+    if not files:
+        return ["index.json lists no shards"]
+    if not (out / "stats.json").is_file():
+        return ["stats.json is missing"]
+    entries = {str(shard["file"]): shard for split in SPLITS for shard in index["splits"][split]["shards"]}
+    for name in files:
+        path, entry = out / name, entries[name]
+        if not path.is_file():
+            return [f"{name} is missing"]
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            return [f"{name} has {path.stat().st_size} bytes, not the {entry['bytes']} recorded (truncated or damaged)"]
+        if file_sha256(path) != entry.get("sha256"):
+            return [f"{name} does not match its sha256 in index.json (damaged)"]
+    return []
+
+
+def _owned(previous: dict[str, Any] | None, record: dict[str, Any]) -> set[str]:
+    """Names in OUT that the project wrote: what the previous index lists (with index.json and stats.json) and what
+    the lock file records a killed run was publishing."""
+    owned = {name for name in record.get("files", []) if isinstance(name, str) and SHARD_NAME.fullmatch(name)}
+    if record.get("files"):
+        owned |= {"index.json", "stats.json"}
+    listed = _listed(previous)
+    if listed:
+        owned |= {name for name in listed if SHARD_NAME.fullmatch(name)} | {"index.json", "stats.json"}
+    return owned
+
+
+def _check_out(
+    out: Path, previous: dict[str, Any] | None, record: dict[str, Any], source: dict[str, Any], *, overwrite: bool
+) -> None:
+    if overwrite:
         return
     if previous is not None:
         old = previous.get("source")
-        if old == source:  # same input, but files are missing: re-ingesting is safe
+        if old == source:  # same input, but files are missing or damaged: re-ingesting is safe
             return
         if not isinstance(old, dict):
             what = "an unreadable index.json"
@@ -306,11 +392,27 @@ def _check_out(out: Path, previous: dict[str, Any] | None, source: dict[str, Any
                 f"{key} {old.get(key)} (now {source[key]})" for key in source if old.get(key) != source[key]
             )
         raise DataError(f"{out} already holds {what}; pass overwrite (--overwrite) to replace them, or choose another OUT")
-    foreign = sorted(entry.name for entry in out.iterdir() if not OUR_FILES.fullmatch(entry.name))
+    ours = _owned(previous, record) | {LOCK_FILE, str(record.get("staging"))}
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
     if foreign:
         raise DataError(
             f"{out} is not empty and not an ingest output (e.g. {foreign[0]!r}); choose an empty or new OUT, "
             "or pass overwrite (--overwrite) to write the shards beside those files"
+        )
+
+
+def _check_in_the_way(
+    out: Path, shards: list[str], owned: set[str], previous: dict[str, Any] | None, *, overwrite: bool
+) -> None:
+    """Refuse to replace a file the project did not write: a shard name, stats.json or index.json that no index or
+    lock record lists. (An unreadable index.json is replaced only with overwrite, which `_check_out` asked for.)"""
+    mine = owned | ({"index.json"} if previous is not None and overwrite else set())
+    blocking = [name for name in [*shards, "stats.json", "index.json"] if name not in mine and os.path.lexists(out / name)]
+    if blocking:
+        more = f" and {len(blocking) - 1} more" if len(blocking) > 1 else ""
+        raise DataError(
+            f"{out / blocking[0]}{more} would be replaced, but no index.json or ingest record of {out} lists them "
+            "(not written by `vgg ingest` there), so they are not touched; move them away or choose another OUT"
         )
 
 
@@ -326,7 +428,71 @@ def _report_from_index(out: Path, index: dict[str, Any], *, seconds: float) -> I
         bytes_read=0,
         bytes_written=0,
         seconds=seconds,
+        skipped_names=tuple(str(item.get("name")) for item in index.get("skipped", [])),
     )
+
+
+class _Lock:
+    """`OUT/.ingest.lock`, flock-ed for a whole ingest: a second ingest into the same OUT is refused in one line
+    (waiting silently behind a multi-hour ImageNet ingest would look like a hang). The file also records, as JSON,
+    what its holder is writing — `pid`, its `staging` folder and the shard `files` it may publish — so that after a
+    run is killed the next one knows those files are the project's own (and nothing else). flock, not fcntl
+    record locks: closing another descriptor of the file in this process does not drop it."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_FILE
+        self.record: dict[str, Any] = {}
+        self.keep = False  # the record names files in OUT that no index.json lists yet: keep it if the run fails
+        self._handle = -1
+
+    @staticmethod
+    def peek(out: Path) -> dict[str, Any]:
+        """The record in OUT's lock file, {} if none or unreadable (read without the lock: checks only)."""
+        try:
+            value = json.loads((out / LOCK_FILE).read_bytes() or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def __enter__(self) -> _Lock:
+        try:
+            self._handle = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise write_error(self.path.parent, error, option="OUT") from None
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._handle)
+            holder = self.peek(self.path.parent).get("pid")
+            raise DataError(
+                f"another `vgg ingest`{f' (pid {holder})' if holder else ''} is using {self.path.parent}; wait for it "
+                "to finish, or choose another OUT"
+            ) from None
+        self.record = self.peek(self.path.parent)
+        self.keep = bool(self.record.get("files"))  # a run killed while publishing
+        return self
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = json.dumps(record, sort_keys=True).encode()
+        os.ftruncate(self._handle, 0)
+        os.pwrite(self._handle, data, 0)
+        os.fsync(self._handle)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            # A run that ended, or failed before publishing (its staging folder is gone), leaves nothing to recover:
+            # the file goes back to empty, so OUT's bytes stay a function of the input (no pid, no random name).
+            if not self.keep and os.fstat(self._handle).st_size:
+                os.ftruncate(self._handle, 0)
+        finally:
+            os.close(self._handle)  # releases the flock
+
+
+def _remove_staging(out: Path, record: dict[str, Any]) -> None:
+    """The staging folder a killed run recorded in the lock file (only that one: a name is not proof of ownership)."""
+    name = record.get("staging")
+    if isinstance(name, str) and re.fullmatch(r"\.ingest-\d+-[0-9a-f]{8}", name) and (out / name).is_dir():
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 # ---- planning and running -------------------------------------------------------------------------------------
@@ -373,9 +539,16 @@ def _write_shard(task: _Task) -> _Result:
     try:
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for ref in task.refs:
-                if ref.path not in files:
-                    files[ref.path] = open(root / ref.path, "rb")
-                data = read_range(files[ref.path], ref, root=root)
+                if ref.size > MAX_FILE_BYTES:
+                    result.skipped.append((ref.name, f"{ref.size} bytes, over the per-file cap of {MAX_FILE_BYTES} (MAX_FILE_BYTES)"))
+                    continue
+                try:
+                    if ref.path not in files:
+                        files[ref.path] = open_regular(root / ref.path)
+                    data = read_range(files[ref.path], ref, root=root)
+                except OSError as error:  # one unreadable file (permissions, I/O error) is skipped like an undecodable one
+                    result.skipped.append((ref.name, f"cannot read {ref.path}: {error.strerror or error}"))
+                    continue
                 result.bytes_read += len(data)
                 try:
                     jpeg, rgb, size, converted, resized = _prepare(data, max_side=task.max_side)
@@ -410,12 +583,15 @@ class _Undecodable(Exception):
 
 
 def _prepare(data: bytes, *, max_side: int) -> tuple[bytes, Image.Image, tuple[int, int], str, bool]:
-    """(JPEG bytes to store, the RGB image they decode to, original (w, h), why converted or "", resized?)."""
+    """(JPEG bytes to store, the RGB image they decode to, original (w, h), why converted or "", resized?).
+    Any failure of the decoders or the encoder is `_Undecodable`: the file is skipped, the ingest goes on."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's cap: an error for this file
+            image = Image.open(io.BytesIO(data), formats=DECODERS)
             size = image.size
+            if size[0] * size[1] > MAX_PIXELS:
+                raise _Undecodable(f"{size[0]}x{size[1]} px, over the cap of {MAX_PIXELS} pixels (MAX_PIXELS)")
             if image.format != "JPEG":
                 converted = f"{image.format or 'unknown'} file, not a JPEG: re-encoded as RGB JPEG"
             elif image.mode == "CMYK":
@@ -426,24 +602,30 @@ def _prepare(data: bytes, *, max_side: int) -> tuple[bytes, Image.Image, tuple[i
                 converted = f"{image.mode} JPEG: converted to RGB"
             else:
                 converted = ""
-            short = min(size)
-            resized = short > max_side
+            resized = min(size) > max_side
+            target = _target_size(size, max_side) if resized else size
+            if (converted or resized) and max(target) > JPEG_MAX_SIDE:
+                raise _Undecodable(f"too large to re-encode as JPEG: {target[0]}x{target[1]} px, a side over {JPEG_MAX_SIDE}")
             if resized:
-                target = _target_size(size, max_side)
                 image.draft(image.mode, (2 * target[0], 2 * target[1]))  # JPEG DCT scaling; a no-op for others
             image.load()
             rgb = image.convert("RGB")
             if resized:
                 rgb = rgb.resize(target, Image.LANCZOS)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise _Undecodable(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
-    if not converted and not resized:
-        return data, rgb, size, "", False
-    encoded = io.BytesIO()
-    rgb.save(encoded, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: keep colour detail at small sides
-    stored = Image.open(encoded)  # the statistics are of what the loader will decode
-    stored.load()
-    return encoded.getvalue(), stored, size, converted, resized
+            if not converted and not resized:
+                return data, rgb, size, "", False
+            encoded = io.BytesIO()
+            rgb.save(encoded, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: colour detail at small sides
+            stored = Image.open(encoded, formats=["JPEG"])  # the statistics are of what the loader will decode
+            stored.load()
+            return encoded.getvalue(), stored, size, converted, resized
+    except _Undecodable:
+        raise
+    except UnidentifiedImageError:
+        raise _Undecodable(f"not a JPEG or PNG file (it begins {data[:8]!r}); only those formats are decoded") from None
+    except Exception as error:  # decoders raise many types (OSError, SyntaxError, struct.error, MemoryError, ...)
+        text = str(error).strip()
+        raise _Undecodable(f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__) from None
 
 
 def _target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -471,19 +653,25 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _publish(out: Path, staging: Path, files: list[str], index: dict[str, Any]) -> None:
-    """Move a finished output into OUT: invalidate the old index, rename shards and stats.json into place, drop
-    shards of the old output that the new one lacks, and write index.json last (its presence = complete)."""
+def _publish(
+    out: Path, staging: Path, files: list[str], index: dict[str, Any], *, owned: set[str], lock: _Lock
+) -> None:
+    """Move a finished output into OUT: record in the lock file what is about to land (a kill from here on leaves
+    only recorded files), invalidate the old index, rename shards and stats.json into place, drop the project's
+    own shards that the new output lacks, and put index.json last (its presence = complete)."""
+    write_atomic(staging / "index.json", json.dumps(index, indent=1).encode() + b"\n")  # the last write that can fail
+    lock.keep = True
+    lock.write({"pid": os.getpid(), "staging": staging.name, "files": sorted(name for name in owned | set(files) if SHARD_NAME.fullmatch(name))})
     (out / "index.json").unlink(missing_ok=True)
     for name in [*files, "stats.json"]:
         os.replace(staging / name, out / name)
-    keep = set(files)
-    for entry in out.iterdir():
-        if re.fullmatch(r"(train|val)-\d{6}\.tar", entry.name) and entry.name not in keep:
-            entry.unlink()
-    write_atomic(out / "index.json", json.dumps(index, indent=1).encode() + b"\n")
+    for name in sorted(owned - set(files)):
+        if SHARD_NAME.fullmatch(name):
+            (out / name).unlink(missing_ok=True)
+    os.replace(staging / "index.json", out / "index.json")
     directory = os.open(out, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+    lock.keep = False
