@@ -101,6 +101,20 @@ def write_shards(root: Path, splits: dict[str, list[int]], *, classes: int | Non
     return root
 
 
+def break_jpeg(shards: Path, file: str, key: str) -> None:
+    """Overwrite the first bytes of one sample's JPEG (same length: only the JPEG is broken) and record the new
+    sha256, as if ingest had written the bad JPEG: the loader's own decode error is what is tested."""
+    tar = shards / file
+    data = tar.read_bytes()
+    at = data.index(b"\xff\xd8\xff", data.index(f"{key}.jpg".encode()))
+    tar.write_bytes(data[:at] + b"\x00" * 4 + data[at + 4 :])
+    index = json.loads((shards / "index.json").read_text())
+    for entry in index["splits"]["train"]["shards"]:
+        if entry["file"] == file:
+            entry["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+    (shards / "index.json").write_text(json.dumps(index))
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     # 48 train samples in 5 uneven shards; 23 val samples in 3 shards.
@@ -363,10 +377,7 @@ def test_resume_does_not_decode_skipped_samples(tmp_path):
     # One sample's JPEG is garbage: the uninterrupted epoch fails at the batch holding it; resuming after that
     # batch succeeds, so the skipped samples were read but never decoded.
     shards = write_shards(tmp_path / "s", {"train": [12, 12]})
-    tar = shards / "train-000001.tar"
-    data = tar.read_bytes()
-    at = data.index(b"\xff\xd8\xff", data.index(b"train_00015.jpg"))
-    tar.write_bytes(data[:at] + b"\x00" * 4 + data[at + 4 :])  # same length: only the JPEG's header is broken
+    break_jpeg(shards, "train-000001.tar", "train_00015")
     args = dict(scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=0, epoch=0, seed=1)
     good = []
     with pytest.raises(DataError, match="train_00015"):
@@ -407,10 +418,7 @@ def test_device_decode_stops_its_thread_and_reports_bad_jpegs_in_one_line(tmp_pa
         break  # the consumer stops early: the decode thread must not be left behind
     assert not decoding()
     broken = write_shards(tmp_path / "s", {"train": [8]})
-    tar = broken / "train-000000.tar"
-    data = tar.read_bytes()
-    at = data.index(b"\xff\xd8\xff", data.index(b"train_00005.jpg"))
-    tar.write_bytes(data[:at] + b"\x00" * 4 + data[at + 4 :])
+    break_jpeg(broken, "train-000000.tar", "train_00005")
     with pytest.raises(DataError, match="cannot decode a JPEG") as error:
         list(train_batches(broken, scale=SCALE, crop=CROP, batch_size=4, rank=0, world_size=1, workers=1, epoch=0,
                            seed=0, decode_device=cpu))
@@ -440,3 +448,37 @@ def test_pca_shift_matches_alexnet_on_the_unit_scale():
     shifted = Preprocess(stats)(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), alpha)[0, :, 0, 0]
     assert torch.allclose(shifted, 255 * (eigvec @ (alpha[0] * unit_eigval)), rtol=1e-5)
     assert shifted.abs().max() < 10  # grey levels
+
+
+def test_a_damaged_shard_is_named_before_any_batch(tmp_path):
+    """A bit flipped inside a JPEG (the shard keeps its size and may still decode): every reader checks the sha256
+    recorded at ingest before reading, and names the shard in one line. A shard cut short is named from its
+    recorded size by `read_index` itself (a stat)."""
+    shards = write_shards(tmp_path / "s", {"train": [6, 6, 6, 6], "val": [5, 5]})
+    for split, file in (("train", "train-000002.tar"), ("val", "val-000001.tar")):
+        tar = shards / file
+        data = tar.read_bytes()
+        at = data.index(b"\xff\xd8\xff") + 700  # inside the first JPEG's data
+        tar.write_bytes(data[:at] + bytes([data[at] ^ 0x08]) + data[at + 1 :])
+    args = dict(scale=SCALE, crop=CROP, batch_size=2, workers=0, epoch=0, seed=0)
+    with pytest.raises(DataError, match=r"train-000002\.tar: damaged shard: its sha256 .* re-run `vgg ingest RAW"):
+        train_batches(shards, rank=0, world_size=1, **args)  # before the first batch: when the epoch is set up
+    # Two ranks share the hashing: rank 0 checks shards 0 and 2, rank 1 shards 1 and 3.
+    with pytest.raises(DataError, match=r"train-000002\.tar: damaged shard"):
+        train_batches(shards, rank=0, world_size=2, **args)
+    train_batches(shards, rank=1, world_size=2, **args)  # its share is intact; rank 0's error ends the whole run
+    with pytest.raises(DataError, match=r"val-000001\.tar: damaged shard") as error:
+        val_batches(shards, q=40, crop=CROP, batch_size=4)
+    assert "\n" not in str(error.value)
+    with pytest.raises(DataError, match=r"val-000001\.tar: damaged shard"):
+        next(iter_samples(shards, "val"))
+
+    index = json.loads((shards / "index.json").read_text())
+    for entry in index["splits"]["val"]["shards"]:
+        entry["bytes"] = (shards / entry["file"]).stat().st_size
+    (shards / "index.json").write_text(json.dumps(index))
+    tar = shards / "val-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:-2048])
+    with pytest.raises(DataError, match=rf"val-000000\.tar: damaged shard: {tar.stat().st_size} bytes, index\.json "
+                                        rf"says {tar.stat().st_size + 2048} \(truncated or overwritten\)"):
+        read_index(shards)
