@@ -20,9 +20,19 @@ TORCHVISION_CROP = 224  # px: torchvision pools to 7×7 before its classifier, w
 
 
 def from_torchvision(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """A torchvision vgg11/13/16/19 state_dict as the state_dict of our configuration `name` (A/B/D/E)."""
+    """A torchvision vgg11/13/16/19 state_dict as the float32 state_dict of our configuration `name` (A/B/D/E).
+
+    Weights re-saved in float16 or bfloat16 (to halve the file) are cast to float32: exact, as float32 holds every
+    value of both, and what evaluation computes in (a half-precision model would fail on float32 input). Integer
+    or quantized tensors are refused in one line."""
     _check(state_dict, name, source="torchvision")
-    return dict(state_dict)
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise ModelError(
+                f"the torchvision weights hold {key} as {tensor.dtype}, not floating point (quantized?); use the "
+                f"float weights of torchvision's {specs.spec(name).torchvision}"
+            )
+    return {key: tensor.float() for key, tensor in state_dict.items()}
 
 
 def to_torchvision(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
