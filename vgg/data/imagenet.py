@@ -107,11 +107,12 @@ class RawImageNet:
         if not root.is_dir():
             raise DataError(f"raw data path {root} is not a directory; {EXPECTED}")
         self.root = root
-        for path in (root / name for name in (TRAIN_ARCHIVE, "train", VAL_ARCHIVE, "val", DEVKIT_ARCHIVE, DEVKIT_DIR)):
-            _check_part(path)
         self._train = _first_existing(root / TRAIN_ARCHIVE, root / "train")
         self._val = _first_existing(root / VAL_ARCHIVE, root / "val")
         self._devkit = _first_existing(root / DEVKIT_ARCHIVE, root / DEVKIT_DIR)
+        for part in (self._train, self._val, self._devkit):
+            if part is not None:
+                _check_part(part)
         missing = [
             name
             for name, found in ((f"{TRAIN_ARCHIVE} (or train/)", self._train), (f"{VAL_ARCHIVE} (or val/)", self._val),
@@ -248,8 +249,6 @@ def read_range(file: BinaryIO, ref: RawRef, *, root: Path) -> bytes:
 def _check_part(path: Path) -> None:
     """An archive or folder directly under RAW may be a symbolic link (to a shared copy, say) but must resolve to a
     regular file or a directory: opening a FIFO would block forever, a device would be read as data."""
-    if not os.path.lexists(path):
-        return
     if not path.exists():
         raise DataError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does not exist; fix the link or copy the data there")
     if not (path.is_dir() or path.is_file()):
@@ -279,7 +278,9 @@ def open_regular(path: Path) -> BinaryIO:
 
 
 def _first_existing(*paths: Path) -> Path | None:
-    return next((path for path in paths if path.exists()), None)
+    """The first path present, a dangling link included (so that a broken link to an archive is reported, not
+    silently passed over for the extracted folder)."""
+    return next((path for path in paths if os.path.lexists(path)), None)
 
 
 def _stem(name: str) -> str:

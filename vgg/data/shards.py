@@ -9,7 +9,8 @@ OUT/ after `ingest(RAW, OUT, ...)`:
   (resized once so the smallest side is `max_side`, Lanczos after JPEG DCT-domain reduction to ≥ 2× the target,
   the same reduce-then-filter scheme as PIL's thumbnail). Re-encoding is JPEG quality 95 with 4:4:4 chroma. A file that cannot be
   decoded is left out and listed in "skipped" with the reason — never silently.
-- `index.json` (written last: its presence means the output is complete), `stats.json` (see `colour_stats`).
+- `index.json` (written last: its presence means the output is complete), `stats.json` (see `colour_stats`);
+  `.ingest.lock` (empty between runs; see "Safety").
 
 Order and sharding: val keeps file-name order (evaluation reads it in index order); train is shuffled once with a
 fixed seed so every shard mixes classes (the loader shuffles shards and uses a small buffer). A split of N images
@@ -67,15 +68,16 @@ from vgg.errors import ConfigError, DataError
 from vgg.files import NO_SPACE, file_sha256, write_atomic, write_error
 
 FORMAT = 1  # index.json "format"
-INGEST_VERSION = 1  # bump when the bytes ingestion writes change; part of the source fingerprint
+INGEST_VERSION = 2  # bump when the bytes ingestion writes change; part of the source fingerprint (2: only JPEG/PNG
+# decoded, pixel and byte caps, shard sizes in index.json)
 JPEG_QUALITY = 95  # re-encoding (conversions, resizes), with 4:4:4 chroma
 SHUFFLE_SEED = 0  # the one fixed permutation of the training images before sharding
 STATS_STRIDE = 4  # colour statistics use every 4th pixel in each direction (1/16 of the pixels)
 MTIME = 1_335_830_400  # fixed tar header mtime (2012-05-01 UTC): byte-identical shards
 DECODERS = ("JPEG", "PNG")  # the only Pillow plugins ever run on raw files (the real ones are all JPEG, one PNG)
 # Pixel cap, checked on the header before decoding. A PNG cannot be decoded at a reduced scale, so one image costs
-# 4 B per pixel (RGBA) and again 3 B after conversion: 64 Mi pixels (8192 x 8192) bound that to ~450 MB per
-# worker, and admit any camera photograph (a 50 MP sensor is 8688 x 5792 = 50.3 Mi). Pillow's own
+# 4 B per pixel (RGBA) and again 3 B after conversion: 64 Mi pixels (8192 x 8192, 67.1 M) bound that to ~470 MB
+# per worker, and admit any camera photograph (a 50 MP sensor is 8688 x 5792 = 50.3 M). Pillow's own
 # decompression-bomb check (89.5 M pixels) stays on too, as an error for the file rather than a warning.
 MAX_PIXELS = 64 * 2**20
 # Byte cap per raw file, checked before reading it: a file's bytes are held in memory while it is decoded. A JPEG
