@@ -157,7 +157,12 @@ def evaluate(
 
     from pipelines.evaluation import Request, run
 
+    from vgg.files import check_writable
+
     resolved = _profile(params, profile, set_)
+    for path, option in ((out, "--out"), (single_out, "--single-out")):
+        if path is not None:
+            check_writable(path.parent, option)  # one line now, not after minutes of evaluation
     if single_out is not None and scales != "multi":
         raise ConfigError("--single-out: only with --scales multi (the single-scale Q is one of the three)")
     if scales in ("single", "multi"):
@@ -193,7 +198,9 @@ def fuse(
     """ConvNet fusion (§4.4): average the softmax posteriors of several models (or of dense and multi-crop)."""
     from vgg.evaluate.metrics import errors
     from vgg.evaluate.results import Posteriors, fuse as fuse_posteriors
+    from vgg.files import check_writable
 
+    check_writable(out.parent, "--out")
     fused = fuse_posteriors([Posteriors.load(path) for path in inputs])
     fused.save(out)
     result = errors(fused)
@@ -338,7 +345,17 @@ def demo() -> None:
     typer.echo(report.read_text())
     typer.echo(f"protocol ({resolved.name} profile) up to date after {time.monotonic() - started:.0f} s")
     typer.echo(f"report: {report}; plots: {report.parent}/*.png; metrics: dvc metrics show")
-    typer.echo("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
+    typer.echo(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open {_runs_page(resolved.name)}")
+
+
+def _runs_page(profile: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of the profile's runs table. MLflow 3's UI opens on its GenAI view (traces, token usage)
+    unless the address asks for the model-training one."""
+    from pipelines.tracking import TrackedRun, tracking_uri
+
+    experiment = TrackedRun.experiment_id_of(tracking_uri(Path.cwd()), f"vgg-{profile}")
+    page = f"#/experiments/{experiment}" if experiment else "#/experiments"
+    return f"{server}/{page}?workflowType=machine_learning"
 
 
 def _interrupt_group(process, grace_s: float = 120.0) -> None:

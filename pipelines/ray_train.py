@@ -8,16 +8,19 @@ input starts afresh. The final model file is written by this driver, atomically,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import ray
 import ray.train
@@ -144,9 +147,10 @@ def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) 
     check_job(job)
     connect()
     train = job.profile.train
-    result = fit_trainer(job, name=job.run_name, checkpoints=2, progress=progress,
-                         resources=_worker_resources(workers=train.workers, use_gpu=train.use_gpu),
-                         callbacks=[EpochLog(str(epoch_log))] if epoch_log is not None else [])
+    with _one_at_a_time(job):
+        result = fit_trainer(job, name=job.run_name, checkpoints=2, progress=progress,
+                             resources=_worker_resources(workers=train.workers, use_gpu=train.use_gpu),
+                             callbacks=[EpochLog(str(epoch_log))] if epoch_log is not None else [])
     if result.checkpoint is None:
         raise ClusterError(f"training run {job.run_name} ended without a checkpoint; see the Ray logs above")
     with result.checkpoint.as_directory() as directory:
@@ -155,6 +159,23 @@ def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) 
     history = payload["train"]["history"]
     write_atomic(curve_path(job.out), _curve_csv(history).encode())
     return dict(history[-1]) if history else {}
+
+
+@contextlib.contextmanager
+def _one_at_a_time(job: TrainJob) -> Iterator[None]:
+    """One process at a time trains a given Ray run (the same command started twice, say): two would write one run
+    directory together. The second waits (flock on a file beside the run in `job.storage`), then finds the run
+    finished and adopts it, so both write the same model. Across nodes this holds where the storage's file system
+    honours flock (local disks, NFSv4)."""
+    job.storage.mkdir(parents=True, exist_ok=True)
+    with open(job.storage / f".{job.run_name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process training run {job.run_name} in {job.storage} (the same command?)",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 CURVE_COLUMNS = ("epoch", "train/loss", "val/top1_err", "val/top5_err", "lr")
@@ -294,7 +315,11 @@ def train(
             except TrackingError:
                 pass  # the training's own error is the one to report
             raise
-        tracked = relay.stop()  # the model is at job.out already, whatever MLflow says
+        try:
+            tracked = relay.stop()  # the model is at job.out already, whatever MLflow says
+        except TrackingError as error:
+            raise TrackingError(f"training finished and {job.out} is written, but MLflow failed to record it "
+                                f"({error}); the model is kept") from None
     try:
         tracked.log_dict(profile.to_dict(), "profile.json")
         tracked.log_curves()

@@ -205,6 +205,20 @@ class TrackedRun:
         for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
+    @staticmethod
+    def experiment_id_of(uri: str, experiment: str) -> str | None:
+        """The id of `experiment` in the store at `uri`, if the store and the experiment exist."""
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            return None
+        from mlflow.tracking import MlflowClient
+
+        try:
+            with _one_opener(uri):
+                found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+        except Exception:  # an unreachable store: the UI link then points at the list of experiments
+            return None
+        return found.experiment_id if found else None
+
     def _protocol_run(self, key: str, name: str, *, tags: Mapping[str, str]) -> str:
         """The parent run of protocol execution `key`, made (and marked finished: it only groups) by its first stage;
         called while the store is locked, so two stages never make two."""

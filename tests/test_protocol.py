@@ -145,3 +145,74 @@ def test_ray_job_submit_runs_vgg_train_on_the_cluster(tmp_path, tiny_params, tin
     from vgg.train import checkpoint
 
     assert checkpoint.load(out, expect_config="A")["config"] == "A"
+
+
+def _store(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("vgg-tiny").experiment_id
+
+
+def test_each_model_run_carries_its_evaluation_errors_and_the_runs_nest_under_one_protocol_run(project):
+    """The runs table is Tables 3-5: every training run has its model's errors under the same metric names; the
+    stage runs of one `dvc repro` share one parent; the best single model is the registered `champion`."""
+    client, experiment = _store(project)
+    runs = client.search_runs([experiment])
+    metrics = json.loads((project / "reports/tiny/metrics.json").read_text())
+    training = {f"{r.data.tags['config']}-{r.data.tags['scale_kind']}": r for r in runs
+                if r.data.tags.get("stage", "").startswith("train-")}
+    assert len(training) == 12
+    for name, run in training.items():
+        config, kind = name.rsplit("-", 1)
+        assert run.data.metrics["eval/dense_single/top1_err"] == pytest.approx(
+            metrics["table3"][f"{config}/{kind}"]["top1_err"])
+        if config not in ("A", "A-LRN"):
+            assert run.data.metrics["eval/dense_multi/top1_err"] == pytest.approx(
+                metrics["table4"][f"{config}/{kind}"]["top1_err"])
+    for config in ("D", "E"):
+        jitter = training[f"{config}-jitter"].data.metrics
+        assert jitter["eval/multicrop_multi/top1_err"] == pytest.approx(metrics["table5"][f"{config}/multicrop"]["top1_err"])
+        assert jitter["eval/both_multi/top1_err"] == pytest.approx(metrics["table5"][f"{config}/dense+multicrop"]["top1_err"])
+    fusion = [r for r in runs if r.data.tags.get("stage") == "fusion"]
+    assert [r.info.run_name for r in fusion] == ["fusion-D+E-40-72"]
+    assert fusion[0].data.metrics["eval/both_multi/top1_err"] == pytest.approx(
+        metrics["table6"]["D+E/dense+multicrop"]["top1_err"])
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("stage") != "protocol"}
+    assert len(parents) == 1 and client.get_run(parents.pop()).data.tags["stage"] == "protocol"
+    best = min((r for r in training.values() if "eval/dense_multi/top1_err" in r.data.metrics),
+               key=lambda r: r.data.metrics["eval/dense_multi/top1_err"])
+    champion = client.get_model_version_by_alias(f"vgg-{best.data.tags['config']}", "champion")
+    assert champion.run_id == best.info.run_id
+
+
+def test_dvc_plots_show_draws_every_training_curve(project, ray_cluster):
+    result = _run([str(BIN / "dvc"), "plots", "show", "--json"], project, _env(ray_cluster))
+    assert result.returncode == 0, result.stderr
+    curves = {name for name in json.loads(result.stdout) if name.endswith(".epochs.csv")}
+    assert len(curves) == 12, curves
+
+
+def test_two_dvc_experiments_compare_in_dvc_exp_show(project, ray_cluster):
+    """Two `dvc exp run -S ...` (an evaluation param: only evaluation and the report rerun) and `dvc exp show`
+    lists both with their metrics; MLflow groups each under a protocol run of its own."""
+    env = _env(ray_cluster)
+    for batch in (16, 32):
+        result = _run([str(BIN / "dvc"), "exp", "run", "-S", f"profiles.tiny.eval.batch_size={batch}"], project, env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "train-" not in "".join(line for line in result.stdout.splitlines() if line.startswith("Running"))
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], project, env)
+    assert shown.returncode == 0, shown.stderr
+    experiments = [exp for baseline in json.loads(shown.stdout) for exp in (baseline.get("experiments") or [])]
+    batches = set()
+    for experiment in experiments:
+        for revision in experiment.get("revs", []):
+            data = revision.get("data") or {}
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("reports/tiny/metrics.json", {}).get("data", {})
+            if metrics.get("table3"):
+                batches.add(params["profiles"]["tiny"]["eval"]["batch_size"])
+    assert batches >= {16, 32}
+    client, experiment_id = _store(project)
+    protocols = [r for r in client.search_runs([experiment_id]) if r.data.tags.get("stage") == "protocol"]
+    assert len(protocols) == 3, [r.info.run_name for r in protocols]  # the first repro's, one per experiment
