@@ -70,8 +70,8 @@ from vgg.data.synthetic import synthesize
 from vgg.data.transforms import TrainCrop, jpeg_size
 from vgg.evaluate.posteriors import score_samples
 from vgg.files import write_atomic
-from vgg.models import build
-from vgg.train import checkpoint, precision
+from vgg.models import build, checkpoint
+from vgg.train import precision
 from vgg.train.loop import Hooks, fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -86,8 +86,7 @@ def ours(*, batch: int, steps: int, device: torch.device, precision: str, compil
     """vgg.models.build("A") through fit(): two epochs of `steps` steps; images/s of the second."""
     from pipelines.params import load_profile
     from vgg.data.loader import ColourStats, Preprocess
-    from vgg.models import build
-    from vgg.train import checkpoint
+    from vgg.models import build, checkpoint
     from vgg.train.loop import Hooks, fit
 
     profile = load_profile(ROOT / "params.yaml", profile="paper")

@@ -153,7 +153,7 @@ def evaluate(
     """Per-image softmax posteriors of one model in one evaluation mode, saved for fusion and the report."""
     from vgg.config import ScaleRange
     from vgg.evaluate.metrics import errors
-    from vgg.train import checkpoint
+    from vgg.models import checkpoint
 
     from pipelines.evaluation import Request, run
 

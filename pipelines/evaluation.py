@@ -15,8 +15,9 @@ import torch
 from pipelines.provenance import file_sha256
 from vgg.config import EvalConfig
 from vgg.errors import ConfigError
-from vgg.evaluate.posteriors import TorchvisionNormalize, checkpoint_meta, compute_posteriors, load_model
+from vgg.evaluate.posteriors import checkpoint_meta, compute_posteriors
 from vgg.evaluate.results import Posteriors
+from vgg.models.io import TorchvisionNormalize, load_model
 
 DEVICES = typing.get_args(typing.get_type_hints(EvalConfig)["device"])  # auto, cpu, cuda, ray
 

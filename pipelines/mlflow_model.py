@@ -23,7 +23,7 @@ class VGGModel(PythonModel):
         import torch
 
         from vgg.data.loader import Preprocess, read_stats
-        from vgg.evaluate.posteriors import load_model
+        from vgg.models.io import load_model
 
         self._torch = torch
         self.model = load_model(context.artifacts[CHECKPOINT])

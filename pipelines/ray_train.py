@@ -40,9 +40,9 @@ from vgg.data.loader import (STATS_FILE, Preprocess, batches_per_epoch, read_ind
                              val_batches)
 from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError, VGGError
 from vgg.files import write_atomic
-from vgg.evaluate.posteriors import load_model
-from vgg.models import CONFIGS, from_config, warm_start
-from vgg.train import checkpoint, precision
+from vgg.models import CONFIGS, checkpoint, from_config, warm_start
+from vgg.models.io import load_model
+from vgg.train import precision
 from vgg.train.loop import Hooks, evaluate_errors, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -368,8 +368,7 @@ def test_a_damaged_shard_is_noticed_and_rewritten_by_ingest(archives, tmp_path, 
 def checkpoint_file(tiny_params, tmp_path_factory) -> Path:
     """A real (untrained) `vgg train` output of the tiny profile: what `vgg evaluate` reads."""
     from pipelines.params import load_profile
-    from vgg.models import from_config
-    from vgg.train import checkpoint
+    from vgg.models import checkpoint, from_config
 
     profile = load_profile(tiny_params)
     model = from_config("A", profile.model, generator=torch.Generator().manual_seed(0))
@@ -484,7 +483,7 @@ def small_torchvision_vgg11(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_torchvision_weights_are_cast_to_float32(tmp_path, dtype):
-    from vgg.evaluate.posteriors import load_model
+    from vgg.models.io import load_model
 
     torch.manual_seed(0)
     state = small_torchvision_vgg11(dtype)

@@ -13,7 +13,7 @@ import torch
 
 from pipelines.params import load_profile
 from vgg.errors import CheckpointError
-from vgg.train import checkpoint
+from vgg.models import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = load_profile(ROOT / "params.yaml", profile="small")
@@ -149,7 +149,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path: Path) -> None:
 _CHILD = """
 import resource, signal, sys, torch
 from vgg.errors import CheckpointError
-from vgg.train import checkpoint
+from vgg.models import checkpoint
 payload = torch.load(sys.argv[2], weights_only=True)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))

@@ -21,11 +21,11 @@ from vgg.data.loader import Preprocess, read_stats
 from vgg.data.transforms import decode_rgb
 from vgg.errors import CheckpointError, ConfigError, DataError
 from vgg.evaluate.metrics import errors, top_k_error
-from vgg.evaluate.posteriors import checkpoint_meta, compute_posteriors, load_model, scale_meta, score_samples
+from vgg.evaluate.posteriors import checkpoint_meta, compute_posteriors, scale_meta, score_samples
 from vgg.evaluate.results import Posteriors, fuse
 from vgg.evaluate.views import at_scale, dense_views, grid_positions, multicrop_views
-from vgg.models import build
-from vgg.train import checkpoint
+from vgg.models import build, checkpoint
+from vgg.models.io import load_model
 
 from tests.conftest import BIN, ROOT
 

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import BIN, stop_group
 from pipelines.cluster import free_port
-from vgg.train import checkpoint
+from vgg.models import checkpoint
 
 RUN_TIMEOUT_S = 420
 

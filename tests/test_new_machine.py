@@ -24,7 +24,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import BIN, ROOT
-from vgg.train import checkpoint
+from vgg.models import checkpoint
 
 RUN_TIMEOUT_S = 420
 LONG = ("--set", "train.max_epochs=200", "--set", "train.patience=200")  # runs until it is interrupted

@@ -142,7 +142,7 @@ def test_ray_job_submit_runs_vgg_train_on_the_cluster(tmp_path, tiny_params, tin
         time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
-    from vgg.train import checkpoint
+    from vgg.models import checkpoint
 
     assert checkpoint.load(out, expect_config="A")["config"] == "A"
 

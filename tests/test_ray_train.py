@@ -36,10 +36,9 @@ from pipelines.tracking import RESUME_TAG, flatten
 from tests.conftest import TOKEN, free_port
 from vgg.config import Profile
 from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches
-from vgg.evaluate.posteriors import load_model
 from vgg.evaluate.results import Posteriors
-from vgg.models import from_config
-from vgg.train import checkpoint
+from vgg.models import checkpoint, from_config
+from vgg.models.io import load_model
 from vgg.train.loop import fit
 
 VGG = Path(sys.executable).parent / "vgg"  # the real console script of this venv

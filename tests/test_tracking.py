@@ -19,8 +19,7 @@ def _real_model(tmp_path, tiny_params):
     import numpy as np
 
     from pipelines.params import load_profile
-    from vgg.models import from_config
-    from vgg.train import checkpoint
+    from vgg.models import checkpoint, from_config
 
     profile = load_profile(tiny_params)
     model = from_config("A", profile.model, generator=torch.Generator().manual_seed(0))

@@ -24,7 +24,8 @@ from pipelines.params import load_profile
 from vgg.config import TrainConfig
 from vgg.data.loader import ColourStats, Preprocess
 from vgg.errors import CheckpointError, DataError, DivergenceError
-from vgg.train import checkpoint, precision
+from vgg.models import checkpoint
+from vgg.train import precision
 from vgg.train.loop import Hooks, evaluate_errors, fit
 from vgg.train.schedule import PlateauSchedule
 
@@ -399,7 +400,7 @@ _CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
 import test_train_loop as t
-from vgg.train import checkpoint
+from vgg.models import checkpoint
 
 class SaveSlowly(t.Hooks):
     def on_checkpoint(self, payload):

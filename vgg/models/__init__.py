@@ -1,4 +1,7 @@
-"""The ConvNets of Table 1: build one by its letter, initialise it (§3.1), convert torchvision weights."""
+"""The ConvNets of Table 1: build one by its letter, initialise it (§3.1), convert torchvision weights.
+
+Model files: `checkpoint` (our format: atomic save, weights_only load, header) and `io` (a runnable model from a
+checkpoint or a torchvision file)."""
 
 from __future__ import annotations
 

@@ -103,8 +103,8 @@ def fit(
     validate(model): (top-1 error %, top-5 error %) of the unwrapped model, called in eval mode after each epoch;
         see `evaluate_errors`.
     preprocess: uint8 → float module, `preprocess(images, colour)` (vgg.data.loader.Preprocess).
-    header: the checkpoint fields besides weights and resume state (`vgg.train.checkpoint.header`).
-    resume: a payload from `vgg.train.checkpoint.load` of an interrupted run with the same config; every rank
+    header: the checkpoint fields besides weights and resume state (`vgg.models.checkpoint.header`).
+    resume: a payload from `vgg.models.checkpoint.load` of an interrupted run with the same config; every rank
         must pass it.
     """
     hooks = hooks or Hooks()

@@ -66,7 +66,7 @@ def save(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
     if payload.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint payload for {path} has format {payload.get('format')!r}, expected {FORMAT!r}; "
-            "build it with vgg.train.checkpoint.header"
+            "build it with vgg.models.checkpoint.header"
         )
     _check_plain(payload, "payload")
     if not path.parent.is_dir():
