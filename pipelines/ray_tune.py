@@ -1,7 +1,8 @@
-"""`vgg tune`: a seeded random search over the initial lr (log-uniform) and the training scale range [Smin, Smax].
+"""`vgg tune`: a seeded random search over the initial lr (log-uniform), the training scale range [Smin, Smax] and,
+when given several candidates, the label smoothing ε of the training loss (Inception-v3's regulariser).
 
 Each trial is one Ray Train run of the protocol (`pipelines.ray_train`'s worker function, profile overridden with
-the trial's lr and S range) whose per-epoch `val/top1_err` reaches Tune through `TuneReportCallback`; ASHA stops
+the trial's lr, S range and ε) whose per-epoch `val/top1_err` reaches Tune through `TuneReportCallback`; ASHA stops
 trials that fall behind from epoch 1 on. The search space is checked before Ray starts; the trials are drawn from
 the profile's seed before anything runs (same command, same trials). MLflow gets one parent run (`tune-<config>`)
 and one child run per trial, all written by this driver process (a Tune callback), never by workers.
@@ -45,11 +46,13 @@ TRIAL_MAX_FAILURES = 1  # worker-group restarts of one trial from its last epoch
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-    """A checked search space: lr log-uniform on [lr_min, lr_max), (Smin, Smax) uniform over `scales`."""
+    """A checked search space: lr log-uniform on [lr_min, lr_max), (Smin, Smax) uniform over `scales`, label
+    smoothing uniform over `label_smoothing` (one value, by default the profile's: not drawn)."""
 
     lr_min: float
     lr_max: float
     scales: tuple[tuple[int, int], ...]  # every candidate pair with Smin <= Smax that gives a valid profile
+    label_smoothing: tuple[float, ...]  # candidate ε, sorted, each in [0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class TrialResult:
     top5_err: float
     best_epoch: int
     outcome: str  # completed (fit ended: max_epochs or plateau) | stopped (ASHA or time budget) | diverged | failed
+    label_smoothing: float = 0.0  # the trial's train.label_smoothing
 
 
 def tune(
@@ -82,12 +86,16 @@ def tune(
     storage: Path,
     out: Path,
     track: bool,
+    label_smoothing: Sequence[float] | None = None,
 ) -> tuple[TrialResult, ...]:
     """Search lr and the S range of `scales.<scale_key>` for `config`; print and return the results table (best
     first); write the best values to `out` as a params.yaml overlay. `s_min_range`/`s_max_range` are the candidate
-    sizes in px (a `range` works); a pair with Smin > Smax, or one the profile rejects, is never drawn."""
+    sizes in px (a `range` works); a pair with Smin > Smax, or one the profile rejects, is never drawn.
+    `label_smoothing`: candidate ε for `train.label_smoothing`, drawn uniformly per trial; None keeps the profile's
+    value in every trial (not searched: the plan, table and overlay are as without the option)."""
     space = check_space(profile, scale_key=scale_key, lr_range=lr_range, s_min_range=s_min_range,
-                        s_max_range=s_max_range, trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s)
+                        s_max_range=s_max_range, trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s,
+                        label_smoothing=label_smoothing)
     # Absolute paths: Ray workers do not run in this directory.
     base = TrainJob(profile=profile, config=config, scale=scale_key, init=None, shards=shards.absolute(),
                     out=out.absolute(), storage=storage.absolute(), max_failures=TRIAL_MAX_FAILURES)
@@ -103,14 +111,19 @@ def tune(
         grid = _search(base, plan=plan, space=space, max_epochs=max_epochs, time_budget_s=time_budget_s,
                        name=name, ledger=ledger)
         rows = _table(grid, ledger)
-        print(format_table(rows))
+        # ε in the table and the overlay only when a trial can differ from the profile: without the option, both
+        # are as they were before it existed.
+        smoothing_shown = space.label_smoothing != (profile.train.label_smoothing,)
+        print(format_table(rows, label_smoothing=smoothing_shown))
         if len(rows) < trials:
             print(f"{trials - len(rows)} of {trials} planned trials did not start within the time budget "
                   f"({time_budget_s:g} s)")
         best = _best(rows, grid)
         _write_overlay(out, profile=profile, config=config, scale_key=scale_key, best=best, rows=rows,
-                       trials=trials)
-        print(f"best: lr {best.lr:.4g}, S [{best.s_min}, {best.s_max}] -> {METRIC} {best.top1_err:.2f} %; wrote {out}")
+                       trials=trials, label_smoothing=smoothing_shown)
+        smoothing = f", label smoothing {best.label_smoothing:g}" if smoothing_shown else ""
+        print(f"best: lr {best.lr:.4g}, S [{best.s_min}, {best.s_max}]{smoothing} -> {METRIC} {best.top1_err:.2f} %; "
+              f"wrote {out}")
         if parent is not None:
             parent.log_metrics({"best/val/top1_err": best.top1_err, "best/val/top5_err": best.top5_err}, step=0)
             parent.client.set_tag(parent.run_id, "best_trial", best.trial)
@@ -135,8 +148,10 @@ def check_space(
     trials: int,
     max_epochs: int,
     time_budget_s: float,
+    label_smoothing: Sequence[float] | None = None,
 ) -> SearchSpace:
-    """The search space, or one `ConfigError` line saying what is empty or invalid and how to fix it."""
+    """The search space, or one `ConfigError` line saying what is empty or invalid and how to fix it.
+    `label_smoothing` None: the profile's `train.label_smoothing` only."""
     profile.scale(scale_key)  # unknown key: its own one line
     if trials < 1:
         raise ConfigError(f"--trials: must be >= 1, got {trials}")
@@ -151,6 +166,19 @@ def check_space(
     if lr_min >= lr_max:
         raise ConfigError(f"--lr-range: the low end {lr_min:g} must be below the high end {lr_max:g}; "
                           "e.g. --lr-range 1e-3 1e-1")
+    for lr in (lr_min, lr_max):  # the profile's own bounds on an lr, named after this option
+        try:
+            dataclasses.replace(profile.train, lr=lr)
+        except ConfigError as error:
+            raise ConfigError(f"--lr-range: {error}") from None
+    smoothing = (profile.train.label_smoothing,) if label_smoothing is None else tuple(label_smoothing)
+    if not smoothing:
+        raise ConfigError("--label-smoothing: no values given; list candidate ε in [0, 1), e.g. "
+                          "--label-smoothing 0,0.1")
+    for epsilon in smoothing:
+        if not (math.isfinite(epsilon) and 0.0 <= epsilon < 1.0):
+            raise ConfigError(f"--label-smoothing: every value must be in [0, 1), got {epsilon:g}; "
+                              "e.g. --label-smoothing 0,0.1 (Inception-v3 uses 0.1)")
     crop, max_side = profile.model.crop, profile.data.max_side
     for option, sizes in (("--s-min", s_min_range), ("--s-max", s_max_range)):
         if len(sizes) == 0:
@@ -179,27 +207,34 @@ def check_space(
     if not valid:
         raise ConfigError(f"--s-min/--s-max: no candidate S range gives a valid profile (e.g. {reasons[0]}); "
                           "widen the ranges or use a jittered Smin < Smax")
-    return SearchSpace(lr_min=float(lr_min), lr_max=float(lr_max), scales=tuple(valid))
+    return SearchSpace(lr_min=float(lr_min), lr_max=float(lr_max), scales=tuple(valid),
+                       label_smoothing=tuple(sorted({float(epsilon) for epsilon in smoothing})))
 
 
-def trial_profile(profile: Profile, *, scale_key: str, lr: float, s_min: int, s_max: int, max_epochs: int) -> Profile:
+def trial_profile(profile: Profile, *, scale_key: str, lr: float, s_min: int, s_max: int, max_epochs: int,
+                  label_smoothing: float | None = None) -> Profile:
     """The profile one trial trains with (validated again by the dataclasses). Trials checkpoint at epoch ends
-    only: every report then carries the epoch's `val/top1_err`, which ASHA needs."""
+    only: every report then carries the epoch's `val/top1_err`, which ASHA needs. `label_smoothing` None keeps the
+    profile's."""
+    smoothing = profile.train.label_smoothing if label_smoothing is None else label_smoothing
     return dataclasses.replace(
         profile,
-        train=dataclasses.replace(profile.train, lr=lr, max_epochs=max_epochs, checkpoint_every=0),
+        train=dataclasses.replace(profile.train, lr=lr, max_epochs=max_epochs, checkpoint_every=0,
+                                  label_smoothing=smoothing),
         scales=dataclasses.replace(profile.scales, **{scale_key: ScaleRange(s_min=s_min, s_max=s_max)}),
     )
 
 
 def plan_trials(space: SearchSpace, *, trials: int, seed: int) -> list[dict[str, Any]]:
-    """The trials' configurations, drawn before anything runs so the same seed gives the same search."""
+    """The trials' configurations, drawn before anything runs so the same seed gives the same search. A single
+    label-smoothing candidate is not drawn, so such a plan's lr and S values are those drawn without the option."""
     rng = np.random.default_rng(seed)
     plan = []
     for _ in range(trials):
         lr = float(math.exp(rng.uniform(math.log(space.lr_min), math.log(space.lr_max))))
         s_min, s_max = space.scales[int(rng.integers(len(space.scales)))]
-        plan.append({"lr": lr, "s_min": s_min, "s_max": s_max})
+        smoothing = int(rng.integers(len(space.label_smoothing))) if len(space.label_smoothing) > 1 else 0
+        plan.append({"lr": lr, "s_min": s_min, "s_max": s_max, "label_smoothing": space.label_smoothing[smoothing]})
     return plan
 
 
@@ -220,11 +255,25 @@ def parse_sizes(text: str, *, option: str) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
-def format_table(rows: Sequence[TrialResult]) -> str:
-    lines = [f"{'trial':<16} {'lr':>10} {'Smin':>5} {'Smax':>5} {'epochs':>6} {'top-1 err %':>11} "
+def parse_fractions(text: str, *, option: str) -> tuple[float, ...]:
+    """CLI lists of numbers in [0, 1), e.g. label-smoothing candidates `0,0.05,0.1` (checked by `check_space`)."""
+    values: list[float] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ConfigError(f"{option}: cannot read {item!r}; give numbers in [0, 1) like 0,0.1") from None
+    return tuple(sorted(set(values)))
+
+
+def format_table(rows: Sequence[TrialResult], *, label_smoothing: bool = False) -> str:
+    """The results table; `label_smoothing`: with each trial's ε."""
+    smoothing = f" {'smooth':>6}" if label_smoothing else ""
+    lines = [f"{'trial':<16} {'lr':>10} {'Smin':>5} {'Smax':>5}{smoothing} {'epochs':>6} {'top-1 err %':>11} "
              f"{'top-5 err %':>11}  outcome"]
     for row in rows:
-        lines.append(f"{row.trial:<16} {row.lr:>10.4g} {row.s_min:>5} {row.s_max:>5} {row.epochs:>6} "
+        smoothing = f" {row.label_smoothing:>6.3g}" if label_smoothing else ""
+        lines.append(f"{row.trial:<16} {row.lr:>10.4g} {row.s_min:>5} {row.s_max:>5}{smoothing} {row.epochs:>6} "
                      f"{row.top1_err:>11.2f} {row.top5_err:>11.2f}  {row.outcome}")
     return "\n".join(lines)
 
@@ -245,10 +294,11 @@ def _search(
     tuner = ray.tune.Tuner(
         trainable,
         # The planned points are what runs (they are all the samples); the distributions record the space in Tune's
-        # state: lr and the candidate Smin and Smax values (only pairs from `space.scales` are planned).
+        # state: lr, the candidate Smin and Smax values (only pairs from `space.scales` are planned) and ε.
         param_space={"lr": ray.tune.loguniform(space.lr_min, space.lr_max),
                      "s_min": ray.tune.choice(sorted({low for low, _ in space.scales})),
-                     "s_max": ray.tune.choice(sorted({high for _, high in space.scales}))},
+                     "s_max": ray.tune.choice(sorted({high for _, high in space.scales})),
+                     "label_smoothing": ray.tune.choice(list(space.label_smoothing))},
         tune_config=ray.tune.TuneConfig(
             metric=METRIC,
             mode="min",
@@ -266,14 +316,15 @@ def _search(
 
 
 def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: int) -> None:
-    """One Tune trial: one Ray Train run of the protocol with this trial's lr and S range."""
+    """One Tune trial: one Ray Train run of the protocol with this trial's lr, S range and label smoothing."""
     job = TrainJob.from_dict(base)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"train-{trial_id}"  # stable per trial: a restarted trial resumes its own Train run
     job = dataclasses.replace(
         job,
         profile=trial_profile(job.profile, scale_key=job.scale, lr=trial_config["lr"], s_min=trial_config["s_min"],
-                              s_max=trial_config["s_max"], max_epochs=max_epochs),
+                              s_max=trial_config["s_max"], max_epochs=max_epochs,
+                              label_smoothing=trial_config.get("label_smoothing")),
         out=job.storage / run_name / "model.pt",  # not written: a trial's model stays in its Ray checkpoints
     )
     # Rank 0's per-epoch metrics become this trial's Tune results; a worker's user error, the trial's error.
@@ -328,9 +379,11 @@ class TrialLedger(ray.tune.Callback):
             return
         lr, s_min, s_max = trial.config["lr"], trial.config["s_min"], trial.config["s_max"]
         profile, key = self.base.profile, self.base.scale
+        smoothing = float(trial.config.get("label_smoothing", profile.train.label_smoothing))
         tags = {"stage": "tune-trial", "config": self.base.config, "profile": profile.name, "trial_id": trial.trial_id,
-                "lr": f"{lr:.6g}", "s_min": str(s_min), "s_max": str(s_max)}
-        params = {"train.lr": repr(lr), f"scales.{key}.s_min": str(s_min), f"scales.{key}.s_max": str(s_max)}
+                "lr": f"{lr:.6g}", "s_min": str(s_min), "s_max": str(s_max), "label_smoothing": f"{smoothing:g}"}
+        params = {"train.lr": repr(lr), f"scales.{key}.s_min": str(s_min), f"scales.{key}.s_max": str(s_max),
+                  "train.label_smoothing": repr(smoothing)}
         self.runs[trial.trial_id] = TrackedRun(
             uri=self.parent.uri, experiment=f"vgg-{profile.name}", run_name=f"trial-{trial.trial_id}", tags=tags,
             params=params, parent_run_id=self.parent.run_id,
@@ -381,7 +434,8 @@ def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: 
     tags = {"stage": "tune", "config": base.config, "profile": profile.name, "scale_kind": base.scale,
             "git_commit": git_commit(root)}
     params = {**flatten(profile.to_dict()), "tune.lr_min": repr(space.lr_min), "tune.lr_max": repr(space.lr_max),
-              "tune.scales": json.dumps(space.scales), "tune.trials": str(trials), "tune.max_epochs": str(max_epochs),
+              "tune.scales": json.dumps(space.scales), "tune.label_smoothing": json.dumps(space.label_smoothing),
+              "tune.trials": str(trials), "tune.max_epochs": str(max_epochs),
               "tune.time_budget_s": f"{time_budget_s:g}", "tune.metric": METRIC}
     return TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{profile.name}", run_name=f"tune-{base.config}",
                       tags=tags, params=params)
@@ -403,9 +457,11 @@ def _table(grid: ray.tune.ResultGrid, ledger: TrialLedger) -> tuple[TrialResult,
         else:
             top1, top5, best_epoch = math.nan, math.nan, 0
         outcome = "failed" if result.error is not None else ledger.outcomes.get(trial_id, "stopped")
+        smoothing = float(config.get("label_smoothing", ledger.base.profile.train.label_smoothing))
         rows.append(TrialResult(trial=trial_id, lr=float(config["lr"]), s_min=int(config["s_min"]),
                                 s_max=int(config["s_max"]), epochs=0 if epochs is None else len(epochs),
-                                top1_err=top1, top5_err=top5, best_epoch=best_epoch, outcome=outcome))
+                                top1_err=top1, top5_err=top5, best_epoch=best_epoch, outcome=outcome,
+                                label_smoothing=smoothing))
     return ranked(rows)
 
 
@@ -446,16 +502,22 @@ def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResu
 
 
 def _write_overlay(out: Path, *, profile: Profile, config: str, scale_key: str, best: TrialResult,
-                   rows: tuple[TrialResult, ...], trials: int) -> None:
-    """The best values as a params.yaml overlay (same nesting), written atomically, with how it was found."""
-    overlay = {"profiles": {profile.name: {"train": {"lr": best.lr},
+                   rows: tuple[TrialResult, ...], trials: int, label_smoothing: bool = False) -> None:
+    """The best values as a params.yaml overlay (same nesting), written atomically, with how it was found;
+    `label_smoothing`: with the best trial's ε (it was searched, or set apart from the profile's)."""
+    train: dict[str, float] = {"lr": best.lr}
+    smoothing_option = ""
+    if label_smoothing:
+        train["label_smoothing"] = best.label_smoothing
+        smoothing_option = f" --set train.label_smoothing={best.label_smoothing!r}"
+    overlay = {"profiles": {profile.name: {"train": train,
                                             "scales": {scale_key: {"s_min": best.s_min, "s_max": best.s_max}}}}}
     header = (
         f"# vgg tune: best of {len(rows)} trials ({trials} planned) for configuration {config}, profile "
         f"{profile.name}, scales.{scale_key}\n"
         f"# {METRIC} {best.top1_err:.2f} % (val/top5_err {best.top5_err:.2f} %) at epoch {best.best_epoch} of "
         f"{best.epochs}, trial {best.trial}, outcome {best.outcome}\n"
-        f"# Merge into params.yaml, or pass as --set train.lr={best.lr!r} "
+        f"# Merge into params.yaml, or pass as --set train.lr={best.lr!r}{smoothing_option} "
         f"--set 'scales.{scale_key}={{s_min: {best.s_min}, s_max: {best.s_max}}}'\n"
     )
     text = header + yaml.safe_dump(overlay, sort_keys=False)

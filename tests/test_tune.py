@@ -12,16 +12,21 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.params import load_profile
-from pipelines.ray_tune import TrialResult, _best, check_space, format_table, parse_sizes, plan_trials, ranked, tune
+from pipelines.ray_tune import (TrialResult, _best, check_space, format_table, parse_fractions, parse_sizes,
+                                plan_trials, ranked, trial_profile, tune)
 from vgg.config import Profile, from_mapping
 from vgg.errors import ConfigError
 
 # The tiny profile: crop 32, data.max_side 72, scales.jitter [40, 72], q_offset 8.
 SPACE = {"lr_range": (1e-3, 1e-1), "s_min_range": (40, 48), "s_max_range": (56, 64), "trials": 2}
+# Label smoothing searched in the end-to-end run: with the profile's seed 0 the two trials draw 0.05 and 0 (the
+# profile's own value), so both a changed and an unchanged ε go through a trial.
+SMOOTHING = (0.0, 0.05, 0.1, 0.2)
 TUNE_TIMEOUT_S = 900  # two tiny trials: ~2.5 min at load 10, 7 min at load 20 on the 2 shared cores
 # `vgg tune` as the command line runs it: a fresh process whose environment names the cluster and the MLflow server.
 DRIVER = """
@@ -32,7 +37,8 @@ from pipelines.ray_tune import tune
 a = json.loads(sys.argv[1])
 rows = tune(load_profile(Path(a["params"])), config="A", scale_key="jitter", shards=Path(a["shards"]),
             lr_range=tuple(a["lr_range"]), s_min_range=a["s_min_range"], s_max_range=a["s_max_range"],
-            trials=a["trials"], max_epochs=2, time_budget_s=3600, storage=Path("ray"), out=Path(a["out"]), track=True)
+            trials=a["trials"], max_epochs=2, time_budget_s=3600, storage=Path("ray"), out=Path(a["out"]), track=True,
+            label_smoothing=a["label_smoothing"])
 Path("rows.json").write_text(json.dumps([dataclasses.asdict(row) for row in rows]))
 """
 
@@ -55,6 +61,7 @@ def _tune(profile: Profile, shards: Path, tmp_path: Path, **changes) -> tuple:
         ({"lr_range": (1e-2, 1e-2)}, r"^--lr-range: the low end 0\.01 must be below"),
         ({"lr_range": (0.0, 1e-1)}, r"^--lr-range: learning rates must be > 0"),
         ({"lr_range": (-1e-2, 1e-1)}, r"^--lr-range: learning rates must be > 0"),
+        ({"lr_range": (1.0, 100.0)}, r"^--lr-range: lr: must be <= 10 \(an SGD lr above 10 only diverges\), got 100"),
         ({"s_min_range": (64, 72), "s_max_range": (48, 56)},
          r"^--s-min/--s-max: every Smin \(64\.\.72\) is above every Smax \(48\.\.56\)"),
         ({"s_min_range": (24, 40)}, r"^--s-min: S=24 px is outside \[32, 72\]"),
@@ -63,6 +70,10 @@ def _tune(profile: Profile, shards: Path, tmp_path: Path, **changes) -> tuple:
         # Fixed S=72 needs Q up to 72+8 px > data.max_side: the only candidate is rejected by the profile itself
         ({"s_min_range": (72,), "s_max_range": (72,)}, r"^--s-min/--s-max: no candidate S range gives a valid"),
         ({"trials": 0}, r"^--trials: must be >= 1, got 0"),
+        ({"label_smoothing": (0.0, 1.0)}, r"^--label-smoothing: every value must be in \[0, 1\), got 1;"),
+        ({"label_smoothing": (-0.1,)}, r"^--label-smoothing: every value must be in \[0, 1\), got -0\.1;"),
+        ({"label_smoothing": (math.nan,)}, r"^--label-smoothing: every value must be in \[0, 1\), got nan;"),
+        ({"label_smoothing": ()}, r"^--label-smoothing: no values given"),
     ],
 )
 def test_an_invalid_search_space_is_one_line_before_ray_starts(profile, tiny_shards, tmp_path, changes, message):
@@ -86,6 +97,33 @@ def test_the_plan_is_seeded_and_inside_the_space(profile):
     assert all(1e-4 <= trial["lr"] < 1e-1 and (trial["s_min"], trial["s_max"]) in space.scales for trial in plan)
     assert min(t["lr"] for t in plan) < 1e-3 and max(t["lr"] for t in plan) > 1e-2  # log-uniform: every decade
 
+
+def test_label_smoothing_is_searched_only_when_asked(profile):
+    options = dict(scale_key="jitter", lr_range=(1e-4, 1e-1), s_min_range=(40, 48), s_max_range=(56, 64), trials=20,
+                   max_epochs=2, time_budget_s=60)
+    default = check_space(profile, **options)
+    assert default.label_smoothing == (profile.train.label_smoothing,) == (0.0,)
+    plan = plan_trials(default, trials=20, seed=0)
+    assert {trial["label_smoothing"] for trial in plan} == {0.0}
+    # One candidate is not drawn: the lr and S values are those of the default plan, only ε differs.
+    fixed = plan_trials(check_space(profile, label_smoothing=(0.1,), **options), trials=20, seed=0)
+    assert [{**trial, "label_smoothing": 0.0} for trial in fixed] == plan
+    assert {trial["label_smoothing"] for trial in fixed} == {0.1}
+    searched = check_space(profile, label_smoothing=(0.1, 0.0, 0.1), **options)
+    assert searched.label_smoothing == (0.0, 0.1)  # sorted, without repeats
+    drawn = plan_trials(searched, trials=20, seed=0)
+    assert drawn == plan_trials(searched, trials=20, seed=0)
+    assert {trial["label_smoothing"] for trial in drawn} == {0.0, 0.1}
+    assert all(0.0 <= trial["lr"] < 1e-1 for trial in drawn)
+    trial = next(trial for trial in drawn if trial["label_smoothing"] == 0.1)
+    changed = trial_profile(profile, scale_key="jitter", lr=trial["lr"], s_min=trial["s_min"], s_max=trial["s_max"],
+                            max_epochs=2, label_smoothing=trial["label_smoothing"])
+    assert (changed.train.label_smoothing, changed.train.lr) == (0.1, trial["lr"])
+    assert trial_profile(profile, scale_key="jitter", lr=0.01, s_min=40, s_max=64,
+                         max_epochs=2).train.label_smoothing == profile.train.label_smoothing
+    assert parse_fractions("0, 0.1,0.05,0.1", option="--label-smoothing") == (0.0, 0.05, 0.1)
+    with pytest.raises(ConfigError, match=r"^--label-smoothing: cannot read 'x'; give numbers in \[0, 1\)"):
+        parse_fractions("0,x", option="--label-smoothing")
 
 def test_a_trial_that_diverged_is_never_the_best_even_after_good_epochs():
     good = TrialResult(trial="a", lr=0.01, s_min=40, s_max=64, epochs=2, top1_err=50.0, top5_err=10.0, best_epoch=2,
@@ -120,17 +158,24 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
     out = tmp_path / "best.yaml"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"],
            "MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}
-    arguments = {"params": str(tiny_params), "shards": str(tiny_shards), "out": str(out), **SPACE}
+    arguments = {"params": str(tiny_params), "shards": str(tiny_shards), "out": str(out), **SPACE,
+                 "label_smoothing": SMOOTHING}
     driver = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(arguments)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=TUNE_TIMEOUT_S)
     assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
     rows = [TrialResult(**row) for row in json.loads((tmp_path / "rows.json").read_text())]
-    assert format_table(rows) in driver.stdout  # the table is printed, best first
+    assert format_table(rows, label_smoothing=True) in driver.stdout  # the table is printed, best first, with ε
 
-    space = check_space(profile, scale_key="jitter", max_epochs=2, time_budget_s=900, **SPACE)
+    space = check_space(profile, scale_key="jitter", max_epochs=2, time_budget_s=900, label_smoothing=SMOOTHING,
+                        **SPACE)
     plan = plan_trials(space, trials=2, seed=profile.train.seed)
-    planned = sorted((trial["lr"], trial["s_min"], trial["s_max"]) for trial in plan)
-    assert sorted((row.lr, row.s_min, row.s_max) for row in rows) == planned
+    planned = sorted((trial["lr"], trial["s_min"], trial["s_max"], trial["label_smoothing"]) for trial in plan)
+    assert sorted((row.lr, row.s_min, row.s_max, row.label_smoothing) for row in rows) == planned
+    assert {row.label_smoothing for row in rows} == {0.0, 0.05}
+    for row in rows:  # the value each trial trained with: its checkpoint's profile
+        paths = list((tmp_path / "ray" / f"train-{row.trial}").glob("**/checkpoint.pt"))
+        assert paths and all(torch.load(path, weights_only=True, mmap=True)["profile"]["train"]["label_smoothing"]
+                             == row.label_smoothing for path in paths)
     assert [row.top1_err for row in rows] == sorted(row.top1_err for row in rows)
     # At max_epochs `fit` ends a trial itself; a trial with one epoch was stopped there by ASHA
     assert all(row.outcome == ("completed" if row.epochs == 2 else "stopped") and row.epochs >= 1 for row in rows)
@@ -142,11 +187,13 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
     assert text.startswith("# vgg tune: best of 2 trials") and f"val/top1_err {best.top1_err:.2f} %" in text
     overlay = yaml.safe_load(text)
     tuned = overlay["profiles"]["tiny"]
-    assert tuned == {"train": {"lr": best.lr}, "scales": {"jitter": {"s_min": best.s_min, "s_max": best.s_max}}}
+    assert tuned == {"train": {"lr": best.lr, "label_smoothing": best.label_smoothing},
+                     "scales": {"jitter": {"s_min": best.s_min, "s_max": best.s_max}}}
     merged = load_profile(tiny_params, overrides=[f"train.lr={tuned['train']['lr']!r}",
+                                                  f"train.label_smoothing={tuned['train']['label_smoothing']!r}",
                                                   f"scales.jitter={tuned['scales']['jitter']}"])
-    assert (merged.train.lr, merged.scales.jitter.s_min, merged.scales.jitter.s_max) == (
-        best.lr, best.s_min, best.s_max)
+    assert (merged.train.lr, merged.train.label_smoothing, merged.scales.jitter.s_min, merged.scales.jitter.s_max) == (
+        best.lr, best.label_smoothing, best.s_min, best.s_max)
     deep = profile.to_dict()
     deep["train"].update(tuned["train"])
     deep["scales"]["jitter"].update(tuned["scales"]["jitter"])
@@ -158,6 +205,8 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
     (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune'")
     assert parent.info.run_name == "tune-A" and parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial"] == best.trial
+    assert json.loads(parent.data.params["tune.label_smoothing"]) == list(SMOOTHING)
+    assert float(parent.data.params["train.label_smoothing"]) == profile.train.label_smoothing
     assert math.isclose(parent.data.metrics["best/val/top1_err"], best.top1_err)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best.yaml", "tune_results.json"}
     children = client.search_runs([experiment.experiment_id],
@@ -169,6 +218,7 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
         assert child.info.status == "FINISHED" and child.data.tags["outcome"] == row.outcome
         assert (float(child.data.tags["lr"]), int(child.data.tags["s_min"]), int(child.data.tags["s_max"])) == (
             pytest.approx(row.lr, rel=1e-5), row.s_min, row.s_max)
+        assert float(child.data.params["train.label_smoothing"]) == row.label_smoothing
         history = client.get_metric_history(child.info.run_id, "val/top1_err")
         assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
         assert min(m.value for m in history) == pytest.approx(row.top1_err)
@@ -177,15 +227,15 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
 def test_a_diverging_trial_is_a_finding_of_the_search_not_an_error(
     profile, tiny_params, tiny_shards, ray_cluster, mlflow_server, tmp_path
 ):
-    """Every trial at lr >= 100 diverges in its first epoch: `vgg tune` says so in the table, in MLflow and in its
+    """Every trial at lr >= 5 diverges in its first epoch: `vgg tune` says so in the table, in MLflow and in its
     one error line (no overlay is written), without a trial error's traceback."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"],
            "MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}
     command = [str(Path(sys.executable).parent / "vgg"), "tune", "--params", str(tiny_params), "--config", "A",
-               "--shards", str(tiny_shards), "--lr-range", "100", "200", "--s-min", "40", "--s-max", "64",
+               "--shards", str(tiny_shards), "--lr-range", "5", "10", "--s-min", "40", "--s-max", "64",
                "--trials", "1", "--max-epochs", "1", "--storage", "ray", "--out", "best.yaml"]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TUNE_TIMEOUT_S)
-    space = check_space(profile, scale_key="jitter", lr_range=(100, 200), s_min_range=(40,), s_max_range=(64,),
+    space = check_space(profile, scale_key="jitter", lr_range=(5, 10), s_min_range=(40,), s_max_range=(64,),
                         trials=1, max_epochs=1, time_budget_s=900)
     (planned,) = plan_trials(space, trials=1, seed=profile.train.seed)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
