@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both create .venv at the repo root if it
-# is absent and install the exact tested dependency set (requirements.lock) plus this project (editable).
+# is absent and install the exact tested dependency set (requirements.lock, every file checked against its sha256
+# there) plus this project (editable).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
