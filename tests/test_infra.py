@@ -3,13 +3,20 @@
 Kubernetes-native objects are validated offline against Kubernetes' OpenAPI schema (kubernetes-validate, strict:
 unknown fields are errors, as `kubectl apply` does), KubeRay objects against the ray.io/v1 CRD schema (pruned copy
 in infra/kuberay/schema/) with their pod templates against Kubernetes' PodTemplate, and the cluster launcher config
-against the installed Ray's own ray-schema.json.
+against the installed Ray's own ray-schema.json. The security settings are checked on the files themselves: every
+pod against the rules of Kubernetes' "restricted" Pod Security profile, every NetworkPolicy by which pod templates
+of infra/ it admits, MLflow's auth configuration against the installed MLflow, every image reference for a digest,
+every pin of the lock files for its hashes.
 """
 
+import ast
+import configparser
 import copy
 import importlib.util
+import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,14 +28,34 @@ import kubernetes_validate
 import pytest
 import yaml
 
-INFRA = Path(__file__).resolve().parents[1] / "infra"
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
 K8S_VERSION = "1.33.0"  # a version kubernetes-validate ships; the manifests use only long-stable fields
 PROJECT_IMAGE = "registry.example.com/vgg:v1"
 TRACKING_URI = "http://mlflow.vgg.svc:5000"
-# Backing services that are not the project: pinned upstream images
-THIRD_PARTY_IMAGES = {"postgres:17.6", "quay.io/minio/minio:RELEASE.2025-04-22T22-12-26Z"}
+# Backing services that are not the project: upstream images
+POSTGRES_IMAGE = "postgres:17.6"
+MINIO_IMAGE = "quay.io/minio/minio:RELEASE.2025-04-22T22-12-26Z"
+PYTHON_IMAGE = "python:3.11-slim-bookworm"  # the Dockerfile's base
+# Image references pinned by tag only, each with the reason. Every other image reference in infra/ must be
+# `name:tag@sha256:<digest>`. The digests of these are not in the files because they could not be looked up where
+# the files were written (no registry access): infra/README.md, step 1, resolves each with `crane digest` at
+# deploy time and builds and renders with `name:tag@sha256:<digest>`. Pinning one in a file means moving it out of
+# this list (and out of README's render, which would otherwise add a second digest).
+TAG_PINNED = {
+    PROJECT_IMAGE: "placeholder for the image the user builds; render() replaces it by the pushed name:tag@sha256",
+    POSTGRES_IMAGE: "digest to fill in at deploy: README step 1 renders it as postgres:17.6@sha256:<digest>",
+    MINIO_IMAGE: "digest to fill in at deploy: README step 1 renders it with @sha256:<digest>",
+    PYTHON_IMAGE: "the Dockerfile's default base; README step 1 builds with --build-arg PYTHON_IMAGE=...@sha256:...",
+}
+DIGEST_PINNED = re.compile(r"^[^@\s]+:[\w][\w.-]{0,127}@sha256:[0-9a-f]{64}$")  # name:tag@sha256:<digest>
+# The user each image runs as (uid = gid): the project image's `ray`, Postgres' `postgres`, MinIO's none (any uid)
+IMAGE_USER = {PROJECT_IMAGE: 1000, POSTGRES_IMAGE: 999, MINIO_IMAGE: 1000}
+METADATA_V4 = ipaddress.ip_address("169.254.169.254")
+METADATA_V6 = ipaddress.ip_address("fd00:ec2::254")
 ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
 LAUNCHER = INFRA / "ray" / "cluster.yaml"
+README = (INFRA / "README.md").read_text()
 
 
 def _documents() -> list[tuple[Path, dict]]:
@@ -61,13 +88,21 @@ def _ray_cluster_specs() -> list[dict]:
 
 
 def _pod_templates() -> list[tuple[str, dict]]:
-    """Every pod template in infra/, named for messages: Deployments, StatefulSets, Jobs and KubeRay groups."""
+    """Every pod template in infra/, named for messages: Deployments, StatefulSets, Jobs, KubeRay groups and the
+    RayJob's submitter."""
     templates = [(_doc_id((p, d)), d["spec"]["template"]) for p, d in K8S_DOCS if "template" in d.get("spec", {})]
     for path, doc in RAY_DOCS:
         spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
         templates.append((f"{_doc_id((path, doc))}:head", spec["headGroupSpec"]["template"]))
         templates += [(f"{_doc_id((path, doc))}:{g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
+        if "submitterPodTemplate" in doc["spec"]:
+            templates.append((f"{_doc_id((path, doc))}:submitter", doc["spec"]["submitterPodTemplate"]))
     return templates
+
+
+def _template(name: str) -> dict:
+    (template,) = [t for n, t in _pod_templates() if n == name]
+    return template
 
 
 def _containers(template: dict) -> list[dict]:
@@ -109,6 +144,12 @@ def _launcher_schema() -> dict:
     return json.loads((Path(ray_dir) / "autoscaler" / "ray-schema.json").read_text())
 
 
+def _mlflow_path() -> Path:
+    # The installed MLflow's files, located without importing it (seconds)
+    (mlflow_dir,) = importlib.util.find_spec("mlflow").submodule_search_locations
+    return Path(mlflow_dir)
+
+
 # --- every file parses -----------------------------------------------------------------------------------------
 
 
@@ -136,7 +177,8 @@ def test_kubernetes_validation_rejects_a_misspelt_field() -> None:
 
 def test_all_kinds_expected_are_present() -> None:
     kinds = {d["kind"] for _, d in K8S_DOCS}
-    assert {"Namespace", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet", "Deployment", "Job"} <= kinds
+    assert {"Namespace", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet", "Deployment", "Job",
+            "NetworkPolicy", "ConfigMap"} <= kinds
     assert sorted(d["kind"] for _, d in RAY_DOCS) == ["RayCluster", "RayJob"]
 
 
@@ -201,6 +243,7 @@ def test_ray_pods_share_data_tracking_and_token_auth(spec: dict) -> None:
         assert claims[mounts["/data"]] == "vgg-data"
         env = _env(container)
         assert env["MLFLOW_TRACKING_URI"]["value"] == TRACKING_URI
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)  # the server wants a login
         assert env["RAY_USAGE_STATS_ENABLED"]["value"] == "0"
 
 
@@ -220,28 +263,167 @@ def test_rayjob_runs_the_protocol_on_the_same_cluster_spec() -> None:
 # --- images ----------------------------------------------------------------------------------------------------
 
 
+def _image_references() -> list[tuple[str, str]]:
+    """(where, reference) for every image infra/ names: any `image` field of any YAML document (containers, init
+    containers, whatever a CRD adds) and the Dockerfile's FROM lines, with ARG defaults substituted."""
+    found: list[tuple[str, str]] = []
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "image" and isinstance(value, str):
+                    found.append((where, value))
+                else:
+                    walk(value, where)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, where)
+
+    for item in DOCS:
+        walk(item[1], _doc_id(item))
+    for dockerfile in sorted(INFRA.rglob("Dockerfile*")):
+        if dockerfile.suffix == ".dockerignore":
+            continue
+        args: dict[str, str] = {}
+        for line in dockerfile.read_text().splitlines():
+            if match := re.match(r"ARG\s+(\w+)=(\S+)", line):
+                args[match[1]] = match[2]
+            elif match := re.match(r"FROM\s+(\S+)", line):
+                ref = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m[1] or m[2]], match[1])
+                found.append((str(dockerfile.relative_to(INFRA)), ref))
+    return found
+
+
+def test_every_image_is_pinned_by_digest_or_listed_as_tag_pinned() -> None:
+    refs = _image_references()
+    assert len(refs) >= 10, refs
+    unpinned = {(where, ref) for where, ref in refs if not DIGEST_PINNED.match(ref) and ref not in TAG_PINNED}
+    assert not unpinned, f"pin these by digest (name:tag@sha256:...) or list them in TAG_PINNED: {unpinned}"
+    stale = set(TAG_PINNED) - {ref for _, ref in refs}
+    assert not stale, f"TAG_PINNED lists images infra/ no longer names: {stale}"
+
+
+def test_the_digest_rule_tells_a_digest_from_a_tag() -> None:
+    digest = "sha256:" + "0123456789abcdef" * 4
+    assert DIGEST_PINNED.match(f"{POSTGRES_IMAGE}@{digest}")
+    assert DIGEST_PINNED.match(f"registry.example.com:5000/team/vgg:abc123@{digest}")
+    for ref in (POSTGRES_IMAGE, "postgres@" + digest, f"{POSTGRES_IMAGE}@sha256:abc", "postgres:latest"):
+        assert not DIGEST_PINNED.match(ref), ref
+
+
+def test_readme_pins_every_tag_pinned_image_by_digest_at_deploy() -> None:
+    # Each upstream image's digest is looked up once, and render() swaps every manifest's `image: <tag>` for it
+    for ref in (POSTGRES_IMAGE, MINIO_IMAGE, PYTHON_IMAGE):
+        assert f"crane digest {ref})" in README, ref
+    for ref, variable in ((PROJECT_IMAGE, "IMAGE"), (POSTGRES_IMAGE, "POSTGRES_IMAGE"), (MINIO_IMAGE, "MINIO_IMAGE")):
+        assert f'"s#image: {ref}#image: ${variable}#"' in README, ref
+    assert 'export IMAGE="$IMAGE@$(crane digest "$IMAGE")"' in README
+    assert '--build-arg PYTHON_IMAGE="$PYTHON_IMAGE"' in README
+    # No file that names an image is applied without render
+    with_images = {str(p.relative_to(INFRA.parent)) for p in INFRA.rglob("*.yaml") if "image:" in p.read_text()}
+    applied = re.findall(r"^.*kubectl apply.*$", README, flags=re.M)
+    for line in applied:
+        for path in with_images:
+            if path in line:
+                assert line.strip().startswith("render "), f"applied without render (tag, not digest): {line}"
+    assert any("render infra/mlflow/postgres.yaml" in line for line in applied)
+
+
 def test_project_containers_all_run_the_one_project_image() -> None:
-    images = {name: {c["image"] for c in _containers(t)} for name, t in _pod_templates()}
-    backing = {"mlflow/postgres.yaml:StatefulSet/mlflow-postgres", "mlflow/minio.yaml:Deployment/mlflow-minio"}
+    images = {name: {c["image"].split("@")[0] for c in _containers(t)} for name, t in _pod_templates()}
+    backing = {"mlflow/postgres.yaml:StatefulSet/mlflow-postgres": {POSTGRES_IMAGE},
+               "mlflow/minio.yaml:Deployment/mlflow-minio": {MINIO_IMAGE},
+               "mlflow/minio.yaml:Job/mlflow-bucket": {MINIO_IMAGE}}  # MinIO's client `mc` is in its image
     project = [n for n in images if n not in backing]
-    assert len(project) == 6  # head + GPU group in RayCluster and in RayJob, MLflow server, bucket Job
+    # head + GPU group in RayCluster and in RayJob, the RayJob's submitter, MLflow server, MLflow users Job
+    assert len(project) == 7, project
     assert all(images[n] == {PROJECT_IMAGE} for n in project), images
-    assert set().union(*images.values()) == {PROJECT_IMAGE} | THIRD_PARTY_IMAGES
+    assert {n: images[n] for n in backing} == backing
 
 
-def test_dockerfile_builds_the_project_with_the_lock() -> None:
+def test_dockerfile_builds_the_project_with_the_hashed_locks() -> None:
     dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
-    assert "FROM python:3.11-" in dockerfile
-    assert "--requirement /tmp/requirements.lock" in dockerfile
-    assert "pip install --no-deps /app" in dockerfile
+    assert f"ARG PYTHON_IMAGE={PYTHON_IMAGE}\nFROM ${{PYTHON_IMAGE}}\n" in dockerfile
+    assert re.search(r"pip install --require-hashes --requirement /tmp/requirements.lock "
+                     r"--requirement /tmp/requirements-server.txt\n", dockerfile)
+    assert "COPY requirements.lock infra/docker/requirements-server.txt /tmp/" in dockerfile
+    assert "pip install --no-deps --no-build-isolation /app" in dockerfile
+    assert re.search(r"^USER 1000:1000$", dockerfile, flags=re.M)  # by number: runAsNonRoot can check it
     assert f"-t {PROJECT_IMAGE} ." in dockerfile
-    lock = (INFRA.parent / "requirements.lock").read_text().split()
-    for pin in ("torch==2.14.1", "ray==2.60.0", "mlflow==3.17.2", "dvc==3.67.1"):
-        assert pin in lock, f"requirements.lock lacks {pin}"
+    lock = _pins(ROOT / "requirements.lock")
+    for name, version in (("torch", "2.14.1"), ("ray", "2.60.0"), ("mlflow", "3.17.2"), ("dvc", "3.67.1")):
+        assert lock[name][0] == version, f"requirements.lock lacks {name}=={version}"
     # The Dockerfile's build context must keep what the image needs and drop the local venv
     lines = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert ".venv/" in ignored and not {".git", ".git/", "infra/", "vgg/", "requirements.lock"} & ignored
+
+
+# --- lock files: every pin with its hashes ---------------------------------------------------------------------
+
+
+def _pins(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """{normalized name: (version, [sha256, ...])} of a requirements file, read as pip reads it (backslash
+    continuations joined, comments dropped); an error on any line that is not `name==version [; marker] --hash...`."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for line in re.sub(r"\\\n", " ", path.read_text()).splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+?)(?:\s*;[^-]*?)?((?:\s+--hash=sha256:\S+)*)", line)
+        assert match, f"{path.name}: not a hashed pin: {line[:100]}"
+        hashes = re.findall(r"--hash=sha256:(\S+)", match[3])
+        name = re.sub(r"[-_.]+", "-", match[1]).lower()
+        assert name not in pins, f"{path.name}: {name} pinned twice"
+        pins[name] = (match[2], hashes)
+    return pins
+
+
+@pytest.mark.parametrize("path", [ROOT / "requirements.lock", INFRA / "docker" / "requirements-server.txt"],
+                         ids=lambda p: p.name)
+def test_every_pin_carries_sha256_hashes(path: Path) -> None:
+    pins = _pins(path)
+    assert pins
+    for name, (version, hashes) in pins.items():
+        assert hashes, f"{path.name}: {name}=={version} has no --hash (run infra/hash_requirements.py {path.name})"
+        bad = [h for h in hashes if not re.fullmatch(r"[0-9a-f]{64}", h)]
+        assert not bad, f"{path.name}: {name}: malformed sha256 {bad}"
+
+
+def test_the_pin_reader_rejects_a_pin_without_hashes_and_a_loose_one(tmp_path: Path) -> None:
+    unhashed = tmp_path / "unhashed.txt"
+    unhashed.write_text("six==1.17.0\n")
+    assert _pins(unhashed)["six"] == ("1.17.0", [])
+    loose = tmp_path / "loose.txt"
+    loose.write_text("six>=1.16 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    with pytest.raises(AssertionError):
+        _pins(loose)
+
+
+def test_installs_require_the_hashes() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"pip install [^\n]*--require-hashes -r requirements.lock", makefile)
+    setup = "\n".join(yaml.safe_load(LAUNCHER.read_text())["setup_commands"])
+    assert "uv pip install --python ~/venv/bin/python --require-hashes --requirement ~/vgg/requirements.lock" in setup
+    # Both files go into one image: one version of each package, and the lock has setuptools, which torch needs
+    # (pip freeze leaves it out; without it --require-hashes refuses the install)
+    lock, server = _pins(ROOT / "requirements.lock"), _pins(INFRA / "docker" / "requirements-server.txt")
+    assert not set(lock) & set(server), set(lock) & set(server)
+    assert "setuptools" in lock
+
+
+def test_the_server_requirements_give_mlflow_basic_auth_what_it_imports() -> None:
+    # `mlflow server --app-name basic-auth` imports flask_wtf (MLflow's `auth` extra); the image must have it
+    (dist,) = _mlflow_path().parent.glob("mlflow-*.dist-info")
+    extra = re.findall(r"^Requires-Dist: ([\w.-]+)(.*?); extra == \"auth\"$", (dist / "METADATA").read_text(), re.M)
+    server = _pins(INFRA / "docker" / "requirements-server.txt")
+    assert extra
+    for name, spec in extra:
+        name = re.sub(r"[-_.]+", "-", name).lower()
+        assert name in server, f"requirements-server.txt lacks {name} (mlflow[auth])"
+        if spec.startswith("<"):
+            assert int(server[name][0].split(".")[0]) < int(spec.lstrip("<").split(".")[0]), (name, spec)
+    assert "wtforms" in server  # Flask-WTF's own dependency, not in the lock
 
 
 # --- MLflow ----------------------------------------------------------------------------------------------------
@@ -274,6 +456,103 @@ def test_mlflow_allowed_hosts_admit_the_ray_pods_and_nothing_else() -> None:
     assert urlsplit(TRACKING_URI).netloc in allowed  # the Host header the Ray pods send
 
 
+def test_mlflow_requires_a_login() -> None:
+    args = _mlflow_args()
+    assert args["app-name"] == "basic-auth"
+    (container,) = _template("mlflow/mlflow.yaml:Deployment/mlflow")["spec"]["containers"]
+    env = _env(container)
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth",
+                                                                             "key": "admin-password"}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+    # Every variable the manifests set for MLflow is one the installed MLflow reads
+    variables = (_mlflow_path() / "environment_variables.py").read_text()
+    mlflow_vars = {v for _, t in _pod_templates() for c in _containers(t) for v in _env(c) if v.startswith("MLFLOW_")}
+    assert {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= mlflow_vars
+    for var in mlflow_vars:
+        assert f'{var} = _EnvironmentVariable("{var}"' in variables, f"the installed MLflow has no {var}"
+
+
+def _auth_config() -> configparser.ConfigParser:
+    """The auth configuration the MLflow server reads: the ConfigMap key its MLFLOW_AUTH_CONFIG_PATH names."""
+    template = _template("mlflow/mlflow.yaml:Deployment/mlflow")
+    (container,) = template["spec"]["containers"]
+    path = Path(_env(container)["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+    config_map = _one("ConfigMap", volume["configMap"]["name"])
+    config = configparser.ConfigParser()
+    config.read_string(config_map["data"][path.name])
+    return config
+
+
+def test_mlflow_auth_config_is_one_mlflow_reads_with_no_password_in_it() -> None:
+    section = _auth_config()["mlflow"]
+    shipped = configparser.ConfigParser()  # MLflow's own default file names every key (some commented out)
+    shipped.read_string(re.sub(r"^# (\w+ =)", r"\1", (_mlflow_path() / "server/auth/basic_auth.ini").read_text(),
+                               flags=re.M))
+    assert set(section) <= set(shipped["mlflow"]), set(section) - set(shipped["mlflow"])
+    assert "admin_password" not in section  # MLFLOW_AUTH_ADMIN_PASSWORD, from the Secret
+    assert section["default_permission"] in {"READ", "NO_PERMISSIONS"}  # no user may change what it did not create
+    assert section["admin_username"] == "admin"
+    database = urlsplit(section["database_uri"])
+    assert database.scheme == "postgresql" and database.password is None and database.path == "/mlflow_auth"
+    backend = urlsplit(_mlflow_args()["backend-store-uri"])
+    assert (database.hostname, database.username) == (backend.hostname, backend.username)  # PGPASSWORD serves both
+    # The database exists before the server starts: its init container creates it, with the same password
+    (init,) = _template("mlflow/mlflow.yaml:Deployment/mlflow")["spec"]["initContainers"]
+    assert "CREATE DATABASE mlflow_auth" in init["command"][-1]
+    assert "PGPASSWORD" in _env(init)
+
+
+def test_the_ray_pods_log_as_the_user_the_users_job_creates() -> None:
+    job = _template("mlflow/mlflow.yaml:Job/mlflow-users")
+    (container,) = job["spec"]["containers"]
+    env = _env(container)
+    assert env["MLFLOW_TRACKING_USERNAME"]["value"] == _auth_config()["mlflow"]["admin_username"]
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth",
+                                                                           "key": "admin-password"}
+    created = {env[v]["valueFrom"]["secretKeyRef"]["key"]: env[v]["valueFrom"]["secretKeyRef"]["name"]
+               for v in ("RAY_MLFLOW_USERNAME", "RAY_MLFLOW_PASSWORD")}
+    assert created == {"username": "mlflow-tracking", "password": "mlflow-tracking"}
+    script = container["command"][-1]
+    for var in ("RAY_MLFLOW_USERNAME", "RAY_MLFLOW_PASSWORD", "MLFLOW_TRACKING_URI"):
+        assert f'os.environ["{var}"]' in script
+    # The client methods it calls exist in the installed MLflow
+    client = (_mlflow_path() / "server/auth/client.py").read_text()
+    calls = {node.func.attr for node in ast.walk(ast.parse(script))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "client"}
+    assert calls == {"get_user", "create_user", "update_user_password"}
+    assert all(f"    def {call}(" in client for call in calls)
+    for spec in _ray_cluster_specs():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            (ray,) = group["template"]["spec"]["containers"]
+            assert _env(ray)["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-tracking",
+                                                                                         "key": "username"}
+            assert _env(ray)["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-tracking",
+                                                                                         "key": "password"}
+
+
+def _scripts() -> list[tuple[str, str, str]]:
+    """(where, interpreter, script) of every inline script in infra/'s containers: `python -c` and `sh -c`."""
+    found = []
+    for name, template in _pod_templates():
+        for container in _containers(template):
+            command = container.get("command", []) + container.get("args", [])
+            if len(command) >= 3 and command[-2] == "-c":
+                found.append((f"{name}:{container['name']}", Path(command[0]).name, command[-1]))
+    return found
+
+
+@pytest.mark.parametrize("where, interpreter, script", _scripts(), ids=[w for w, _, _ in _scripts()])
+def test_inline_scripts_parse(where: str, interpreter: str, script: str) -> None:
+    if interpreter == "python":
+        compile(script, where, "exec")
+    else:
+        result = subprocess.run([shutil.which("bash") or "sh", "-n", "-c", script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
 def test_credentials_come_only_from_secrets_with_placeholder_values() -> None:
     for name, template in _pod_templates():
         for container in _containers(template):
@@ -281,24 +560,303 @@ def test_credentials_come_only_from_secrets_with_placeholder_values() -> None:
                 if any(word in var["name"] for word in ("PASSWORD", "SECRET", "TOKEN", "ACCESS_KEY")):
                     assert "secretKeyRef" in var.get("valueFrom", {}), f"{name}: {var['name']} is not from a Secret"
             for arg in container.get("command", []) + container.get("args", []):
-                assert urlsplit(arg.split("=", 1)[-1]).password is None, f"{name}: password in {arg}"
+                for url in re.findall(r"\w+://[^\s\"']+", arg):
+                    password = urlsplit(url).password
+                    assert password is None or password.startswith("$"), f"{name}: password in {url}"
     secrets = [d for _, d in K8S_DOCS if d["kind"] == "Secret"]
     assert secrets
     for secret in secrets:
         assert "data" not in secret
         assert all(v.startswith("REPLACE_ME") for v in secret["stringData"].values()), secret["metadata"]["name"]
+    # ConfigMaps hold configuration, never a credential
+    for _, doc in K8S_DOCS:
+        if doc["kind"] == "ConfigMap":
+            for key, value in doc["data"].items():
+                assert not re.search(r"(password|secret)\s*[=:]", value, flags=re.I), (doc["metadata"]["name"], key)
 
 
-def test_every_secret_reference_resolves() -> None:
+def _secret_refs() -> dict[tuple[str, str], set[str]]:
+    """{(Secret, key): names of the pod templates whose containers read it}"""
+    refs: dict[tuple[str, str], set[str]] = {}
+    for name, template in _pod_templates():
+        for container in _containers(template):
+            for var in container.get("env", []):
+                if ref := var.get("valueFrom", {}).get("secretKeyRef"):
+                    refs.setdefault((ref["name"], ref["key"]), set()).add(name)
+    return refs
+
+
+def test_every_secret_reference_resolves_and_readme_creates_it() -> None:
     keys = {(d["metadata"]["name"], k) for _, d in K8S_DOCS if d["kind"] == "Secret" for k in d["stringData"]}
-    refs = {
-        (ref["name"], ref["key"])
-        for _, template in _pod_templates()
-        for container in _containers(template)
-        for var in container.get("env", [])
-        if (ref := var.get("valueFrom", {}).get("secretKeyRef"))
-    }
+    refs = set(_secret_refs())
     assert refs and refs <= keys, refs - keys
+    assert keys <= refs, f"example Secret keys nothing reads: {keys - refs}"
+    # infra/README.md, step 3, creates every Secret with every key
+    created = set()
+    for command in re.findall(r"kubectl -n vgg create secret generic (\S+)((?:.*\\\n)*.*)", README):
+        created |= {(command[0], key) for key in re.findall(r"--from-literal=([\w-]+)=", command[1])}
+    assert refs <= created, f"README step 3 does not create {refs - created}"
+
+
+def test_mlflow_has_s3_credentials_of_its_own_not_minios_root() -> None:
+    readers = _secret_refs()
+    root = {key: pods for key, pods in readers.items() if key[0] == "mlflow-minio-root"}
+    assert root and set().union(*root.values()) == {"mlflow/minio.yaml:Deployment/mlflow-minio",
+                                                   "mlflow/minio.yaml:Job/mlflow-bucket"}
+    (server,) = _template("mlflow/mlflow.yaml:Deployment/mlflow")["spec"]["containers"]
+    env = _env(server)
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-s3", "key": "access-key"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-s3", "key": "secret-key"}
+    # The setup Job creates that user from the same Secret and attaches the bucket's policy to it
+    (setup,) = _template("mlflow/minio.yaml:Job/mlflow-bucket")["spec"]["containers"]
+    job_env = _env(setup)
+    assert job_env["S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-s3", "key": "access-key"}
+    script = setup["command"][-1]
+    assert 'mc admin user add minio "$S3_ACCESS_KEY" "$S3_SECRET_KEY"' in script
+    assert 'mc admin policy attach minio "$BUCKET" --user "$S3_ACCESS_KEY"' in script
+    bucket = urlsplit(_mlflow_args()["artifacts-destination"]).netloc
+    assert job_env["BUCKET"]["value"] == bucket
+
+
+def test_mlflows_s3_policy_reaches_its_bucket_and_nothing_else() -> None:
+    (setup,) = _template("mlflow/minio.yaml:Job/mlflow-bucket")["spec"]["containers"]
+    path = re.search(r"mc admin policy create minio \"\$BUCKET\" (\S+)", setup["command"][-1])[1]
+    (mount,) = [m for m in setup["volumeMounts"] if m["mountPath"] == str(Path(path).parent)]
+    (volume,) = [v for v in _template("mlflow/minio.yaml:Job/mlflow-bucket")["spec"]["volumes"]
+                 if v["name"] == mount["name"]]
+    policy = json.loads(_one("ConfigMap", volume["configMap"]["name"])["data"][Path(path).name])
+    bucket = urlsplit(_mlflow_args()["artifacts-destination"]).netloc
+    assert policy["Statement"]
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert set(statement["Resource"]) <= {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}, statement
+        for action in statement["Action"]:
+            assert action.startswith("s3:") and "*" not in action, action
+            assert not re.match(r"s3:(Create|Delete|Put)Bucket", action), action  # objects only, not the bucket
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert {"s3:PutObject", "s3:GetObject", "s3:ListBucket", "s3:DeleteObject"} <= actions  # what MLflow does
+
+
+# --- pod security: every container non-root, unprivileged, on a read-only root -------------------------------
+
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+# Containers that keep a writable root file system, with the reason: none
+WRITABLE_ROOT: dict[str, str] = {}
+
+
+def _restricted_violations(template: dict) -> list[str]:
+    """What the "restricted" Pod Security Standard (Kubernetes 1.33, which namespace.yaml enforces) refuses in a
+    pod, rule by rule as the admission plugin checks it; [] when it admits the pod."""
+    spec = template["spec"]
+    pod = spec.get("securityContext", {})
+    out = [f"{key}: true" for key in ("hostNetwork", "hostPID", "hostIPC") if spec.get(key)]
+    out += [f"volume {v['name']}: {kind}" for v in spec.get("volumes", []) for kind in v
+            if kind != "name" and kind not in RESTRICTED_VOLUME_TYPES]
+    out += ["pod sysctls"] * bool(pod.get("sysctls"))
+    containers = spec["containers"] + spec.get("initContainers", []) + spec.get("ephemeralContainers", [])
+    for c in containers:
+        sc, name = c.get("securityContext", {}), c["name"]
+        capabilities = sc.get("capabilities", {})
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        if "ALL" not in capabilities.get("drop", []):
+            out.append(f"{name}: capabilities not dropped (ALL)")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities added {capabilities['add']}")
+        if sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+            out.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser", pod.get("runAsUser")) == 0:
+            out.append(f"{name}: runAsUser 0")
+        if sc.get("seccompProfile", pod.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile is neither RuntimeDefault nor Localhost")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{name}: procMount")
+        if any("hostPort" in port for port in c.get("ports", [])):
+            out.append(f"{name}: hostPort")
+    return out
+
+
+@pytest.mark.parametrize("name, template", _pod_templates(), ids=[n for n, _ in _pod_templates()])
+def test_every_pod_meets_the_restricted_pod_security_profile(name: str, template: dict) -> None:
+    assert _restricted_violations(template) == []
+
+
+def test_the_restricted_check_refuses_what_the_profile_refuses() -> None:
+    template = copy.deepcopy(_template("mlflow/mlflow.yaml:Deployment/mlflow"))
+    template["spec"]["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")
+    template["spec"]["initContainers"][0]["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    template["spec"]["securityContext"]["runAsUser"] = 0
+    template["spec"]["securityContext"].pop("seccompProfile")
+    template["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    violations = "\n".join(_restricted_violations(template))
+    for expected in ("allowPrivilegeEscalation", "capabilities not dropped", "capabilities added", "runAsUser 0",
+                     "seccompProfile", "hostPath"):
+        assert expected in violations, violations
+
+
+def test_the_namespace_enforces_the_restricted_profile() -> None:
+    labels = _one("Namespace", "vgg")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/enforce-version"] == f"v{K8S_VERSION.rsplit('.', 1)[0]}"
+
+
+@pytest.mark.parametrize("name, template", _pod_templates(), ids=[n for n, _ in _pod_templates()])
+def test_containers_run_as_their_images_user_on_a_read_only_root(name: str, template: dict) -> None:
+    spec = template["spec"]
+    pod = spec["securityContext"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for _, doc in K8S_DOCS:  # a StatefulSet's claims are volumes of its pods
+        if doc["kind"] == "StatefulSet" and doc["spec"]["template"] is template:
+            claims = doc["spec"]["volumeClaimTemplates"]
+            volumes |= {claim["metadata"]["name"]: {"persistentVolumeClaim": {}} for claim in claims}
+    for container in _containers(template):
+        sc = container["securityContext"]
+        where = f"{name}:{container['name']}"
+        uid = IMAGE_USER[container["image"].split("@")[0]]  # by tag, whether or not a digest follows
+        assert (sc.get("runAsUser", pod.get("runAsUser")), sc.get("runAsGroup", pod.get("runAsGroup"))) == (uid, uid)
+        assert sc.get("readOnlyRootFilesystem") is True or where in WRITABLE_ROOT, f"{where}: writable root"
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert set(mounts.values()) <= set(volumes), f"{where}: mounts a volume the pod lacks"
+        if container in spec["containers"]:  # a read-only root leaves /tmp to a volume of the pod
+            assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: no writable /tmp"
+    if any("persistentVolumeClaim" in v for v in volumes.values()):
+        assert pod["fsGroup"] == pod["runAsGroup"]  # the volume is writable by the pod's group
+        assert pod["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+# --- network policies ------------------------------------------------------------------------------------------
+
+POLICIES = [d for _, d in K8S_DOCS if d["kind"] == "NetworkPolicy"]
+RAY_TEMPLATES = {n for n, _ in _pod_templates() if n.startswith("kuberay/") and not n.endswith(":submitter")}
+KUBERAY_OPERATOR = "namespace kuberay-system, pods app.kubernetes.io/component=kuberay-operator"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector matches these labels ({} matches everything)."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, values = expression["key"], expression.get("values", [])
+        present = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                   "Exists": key in labels, "DoesNotExist": key not in labels}[expression["operator"]]
+        if not present:
+            return False
+    return True
+
+
+def _labels(name: str) -> dict:
+    return _template(name)["metadata"].get("labels", {})
+
+
+def _policies_for(name: str, kind: str) -> list[dict]:
+    labels = _labels(name)
+    return [p for p in POLICIES if kind in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], labels)]
+
+
+def _peers(peer: dict) -> set[str]:
+    """The pod templates of infra/ a NetworkPolicy peer matches, or a description of a peer outside them."""
+    if "ipBlock" in peer:
+        return {f"ipBlock {peer['ipBlock']}"}
+    if "namespaceSelector" in peer:
+        namespace = peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name", "*")
+        pods = ",".join(f"{k}={v}" for k, v in peer.get("podSelector", {}).get("matchLabels", {}).items())
+        return {f"namespace {namespace}, pods {pods or '*'}"}
+    return {n for n, _ in _pod_templates() if _selects(peer["podSelector"], _labels(n))}
+
+
+def _admitted(name: str) -> set[str]:
+    """Every peer the policies selecting this pod template admit to it (any port)."""
+    admitted: set[str] = set()
+    for policy in _policies_for(name, "Ingress"):
+        for rule in policy["spec"].get("ingress", []):
+            if not rule.get("from"):
+                admitted.add("everyone")
+            for peer in rule.get("from", []):
+                admitted |= _peers(peer)
+    return admitted
+
+
+def test_the_servers_admit_exactly_their_clients() -> None:
+    mlflow, users = "mlflow/mlflow.yaml:Deployment/mlflow", "mlflow/mlflow.yaml:Job/mlflow-users"
+    submitter = "kuberay/rayjob.yaml:RayJob/vgg-paper:submitter"
+    expected = {
+        mlflow: RAY_TEMPLATES | {users},
+        "mlflow/postgres.yaml:StatefulSet/mlflow-postgres": {mlflow},
+        "mlflow/minio.yaml:Deployment/mlflow-minio": {mlflow, "mlflow/minio.yaml:Job/mlflow-bucket"},
+        **{ray: RAY_TEMPLATES | {submitter, KUBERAY_OPERATOR} for ray in RAY_TEMPLATES},
+    }
+    assert len(RAY_TEMPLATES) == 4
+    for name, _ in _pod_templates():
+        assert _policies_for(name, "Ingress"), f"{name}: no ingress policy selects it (it admits everyone)"
+        assert _admitted(name) == expected.get(name, set()), name
+
+
+def test_policy_ports_are_the_servers_ports() -> None:
+    def ports(policy_name: str) -> list[set[int]]:
+        (policy,) = [p for p in POLICIES if p["metadata"]["name"] == policy_name]
+        return [{port["port"] for port in rule.get("ports", [])} for rule in policy["spec"]["ingress"]]
+
+    assert ports("mlflow") == [{5000}]
+    assert ports("mlflow-postgres") == [{5432}]
+    assert ports("mlflow-minio") == [{9000}]
+    assert ports("ray") == [set(), {8265}, {8265, 10001}]  # Ray pods among themselves: every port
+
+
+def test_every_selector_in_a_policy_matches_pods_of_infra() -> None:
+    for policy in POLICIES:
+        selector = policy["spec"]["podSelector"]
+        assert any(_selects(selector, _labels(n)) for n, _ in _pod_templates()), policy["metadata"]["name"]
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                assert _peers(peer), f"{policy['metadata']['name']}: {peer} matches nothing"
+
+
+def test_the_kuberay_operator_peer_is_the_namespace_the_readme_installs_it_in() -> None:
+    assert "--namespace kuberay-system --create-namespace" in README
+    (policy,) = [p for p in POLICIES if p["metadata"]["name"] == "ray"]
+    assert {KUBERAY_OPERATOR} == {s for rule in policy["spec"]["ingress"] for peer in rule["from"]
+                                  for s in _peers(peer) if s.startswith("namespace")}
+
+
+def _reaches(rules: list[dict], address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether egress rules let a pod connect to an address outside the cluster (a node-local service)."""
+    for rule in rules:
+        if not rule.get("to"):
+            return True  # no `to`: every destination
+        for peer in rule["to"]:
+            block = peer.get("ipBlock")
+            if block and address.version == ipaddress.ip_network(block["cidr"]).version and \
+                    address in ipaddress.ip_network(block["cidr"]) and \
+                    not any(address in ipaddress.ip_network(e) for e in block.get("except", [])):
+                return True
+    return False
+
+
+def test_no_pod_can_reach_the_cloud_metadata_address() -> None:
+    for name, _ in _pod_templates():
+        policies = _policies_for(name, "Egress")
+        assert policies, f"{name}: no egress policy selects it (it reaches everything)"
+        rules = [rule for policy in policies for rule in policy["spec"].get("egress", [])]
+        assert rules, f"{name}: no egress at all"
+        assert not _reaches(rules, METADATA_V4) and not _reaches(rules, METADATA_V6), name
+        assert _reaches(rules, ipaddress.ip_address("1.1.1.1"))  # the rest of the world stays reachable
+
+
+def test_the_metadata_check_sees_a_rule_that_reaches_it() -> None:
+    open_rule = {"to": [{"ipBlock": {"cidr": "169.254.0.0/16"}}]}
+    assert _reaches([open_rule], METADATA_V4)
+    assert _reaches([{"ports": [{"port": 80}]}], METADATA_V4)
+    assert not _reaches([{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}}]}], METADATA_V4)
+
+
+def test_the_ray_pods_have_a_policy_of_their_own() -> None:
+    (policy,) = [p for p in POLICIES if p["metadata"]["name"] == "ray"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert {n for n, _ in _pod_templates() if _selects(policy["spec"]["podSelector"], _labels(n))} == RAY_TEMPLATES
+    assert not _reaches(policy["spec"]["egress"], METADATA_V4) and not _reaches(policy["spec"]["egress"], METADATA_V6)
 
 
 # --- Ray cluster launcher --------------------------------------------------------------------------------------
