@@ -5,6 +5,8 @@ checkpoint or a torchvision file)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ __all__ = [
     "SPECS",
     "VGG",
     "Spec",
+    "architecture",
     "build",
     "count_parameters",
     "from_config",
@@ -65,16 +68,17 @@ def from_config(
     about to be warm-started from A, so its own layers get `config.warm_init`."""
     return build(
         name,
-        num_classes=config.num_classes,
-        width=config.width,
-        fc_width=config.fc_width,
-        crop=config.crop,
-        dropout=config.dropout,
-        lrn=config.lrn,
+        **architecture(config),
         init=config.warm_init if warm else config.init,
         init_std=config.init_std,
         generator=generator,
     )
+
+
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    """The keywords of `VGG` (and `build`) that a profile's `model:` section sets: the net's shape, dropout, LRN."""
+    return {"num_classes": config.num_classes, "width": config.width, "fc_width": config.fc_width,
+            "crop": config.crop, "dropout": config.dropout, "lrn": config.lrn}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ from torch import nn
 
 from vgg.config import ModelConfig, from_mapping
 from vgg.errors import CheckpointError, ConfigError
-from vgg.models import checkpoint
+from vgg.models import architecture, checkpoint
 from vgg.models.convert import TORCHVISION_CROP, from_torchvision
 from vgg.models.vgg import VGG
 
@@ -92,15 +92,7 @@ class TorchvisionNormalize(nn.Module):
 
 def _assemble(name: str, state: Mapping[str, torch.Tensor], *, config: ModelConfig) -> VGG:
     with torch.device("meta"):  # no init: every weight comes from the file
-        model = VGG(
-            name,
-            num_classes=config.num_classes,
-            width=config.width,
-            fc_width=config.fc_width,
-            crop=config.crop,
-            dropout=config.dropout,
-            lrn=config.lrn,
-        )
+        model = VGG(name, **architecture(config))
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as error:
