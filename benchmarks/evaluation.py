@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgg.data.loader import ColourStats, Preprocess
+from vgg.data.preprocessing import Preprocess
+from vgg.data.shard_format import ColourStats
 from vgg.evaluate.posteriors import score_samples
+from vgg.files import write_atomic
 from vgg.models import build
 
 
@@ -149,10 +149,7 @@ def main() -> None:
             "dense_speedup_over_multicrop": speedups,
         }  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".tmp")
-        with os.fdopen(handle, "w") as file:
-            json.dump(result, file, indent=2)
-        os.replace(temporary, args.out)
+        write_atomic(args.out, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":

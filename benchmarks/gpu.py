@@ -25,7 +25,7 @@ check uses a Kaiming-initialised copy, whose activations keep a trained net's sc
 The JSON is rewritten after every section, so a run stopped at a time limit keeps what it finished.
 
 Data: `--shards DIR` (any `vgg ingest` output, e.g. real ImageNet), else a generated set with ImageNet-like
-sizes (vgg.data.synthetic, smallest side 256–400 px, + vgg.data.shards.ingest) kept in `--data-dir` for reruns.
+sizes (vgg.data.synthetic, smallest side 256–400 px, + vgg.data.ingest.ingest) kept in `--data-dir` for reruns.
 The training split is listed several times in a view (symlinks + index.json) so an epoch is long enough to
 reach the loader's steady state; replicas have the same keys and so the same crops, which costs the same.
 
@@ -63,9 +63,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vgg.config import ScaleRange, SynthConfig, TrainConfig
 from vgg.data.gpu_decode import DeviceTrainCrop
-from vgg.data.loader import (ALPHA_STD, Batch, Preprocess, batches_per_epoch, iter_samples, read_index, read_stats,
-                              train_batches)
-from vgg.data.shards import ingest
+from vgg.data.batch import Batch
+from vgg.data.ingest import ingest
+from vgg.data.loader import batches_per_epoch, train_batches
+from vgg.data.preprocessing import ALPHA_STD, Preprocess
+from vgg.data.samples import iter_samples
+from vgg.data.shard_format import read_index, read_stats
 from vgg.data.synthetic import synthesize
 from vgg.data.transforms import TrainCrop, jpeg_size
 from vgg.evaluate.posteriors import score_samples

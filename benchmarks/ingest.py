@@ -27,7 +27,7 @@ import PIL
 
 from vgg.config import SynthConfig
 from vgg.data.imagenet import SPLITS, open_raw, read_range
-from vgg.data.shards import ingest
+from vgg.data.ingest import ingest
 from vgg.data.synthetic import synthesize
 
 

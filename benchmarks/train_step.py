@@ -85,7 +85,8 @@ def baseline(*, batch: int, steps: int, device: torch.device) -> dict[str, float
 def ours(*, batch: int, steps: int, device: torch.device, precision: str, compile_model: bool) -> dict[str, float]:
     """vgg.models.build("A") through fit(): two epochs of `steps` steps; images/s of the second."""
     from pipelines.params import load_profile
-    from vgg.data.loader import ColourStats, Preprocess
+    from vgg.data.preprocessing import Preprocess
+    from vgg.data.shard_format import ColourStats
     from vgg.models import build, checkpoint
     from vgg.train.loop import Hooks, fit
 
@@ -162,7 +163,7 @@ def reference_e2e(folder: Path, *, batch: int, workers: int) -> dict[str, float]
 def end_to_end(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Both commands on the same generated images; returns one row per command."""
     from vgg.config import SynthConfig
-    from vgg.data.shards import ingest
+    from vgg.data.ingest import ingest
     from vgg.data.synthetic import synthesize
 
     config = SynthConfig(classes=E2E_CLASSES, train_per_class=E2E_TRAIN_PER_CLASS, val_per_class=E2E_VAL_PER_CLASS,

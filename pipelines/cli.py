@@ -86,7 +86,7 @@ def ingest(
     set_: SetOption = None,
 ) -> None:
     """Raw archives (or the extracted layout) → WebDataset shards + index.json + stats.json."""
-    from vgg.data.shards import ingest as ingest_raw
+    from vgg.data.ingest import ingest as ingest_raw
 
     resolved = _profile(params, profile, set_)
     if raw is None:

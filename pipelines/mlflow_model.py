@@ -22,7 +22,8 @@ class VGGModel(PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from vgg.data.loader import Preprocess, read_stats
+        from vgg.data.preprocessing import Preprocess
+        from vgg.data.shard_format import read_stats
         from vgg.models.io import load_model
 
         self._torch = torch

@@ -36,8 +36,9 @@ from pipelines.provenance import code_digest, file_sha256, protocol_key
 from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
                                 git_commit, protocol_name, source_tags, tracking_uri)
 from vgg.config import Profile, from_mapping
-from vgg.data.loader import (STATS_FILE, Preprocess, batches_per_epoch, read_index, read_stats, train_batches,
-                             val_batches)
+from vgg.data.loader import batches_per_epoch, train_batches, val_batches
+from vgg.data.preprocessing import Preprocess
+from vgg.data.shard_format import STATS_FILE, read_index, read_stats
 from vgg.errors import CheckpointError, ConfigError, DivergenceError, ModelError, VGGError
 from vgg.files import write_atomic
 from vgg.models import CONFIGS, checkpoint, from_config, warm_start

@@ -128,7 +128,7 @@ def tiny_params(tmp_path_factory) -> Path:
 def tiny_shards(tmp_path_factory, tiny_params) -> Path:
     """Real `vgg synth` + `vgg ingest` output of the tiny profile, made once per session (read-only for tests)."""
     from pipelines.params import load_profile
-    from vgg.data.shards import ingest
+    from vgg.data.ingest import ingest
     from vgg.data.synthetic import synthesize
 
     profile = load_profile(tiny_params)

@@ -306,7 +306,7 @@ def test_a_second_ingest_into_the_same_out_is_refused_while_one_runs(archives, t
 def test_two_ingests_at_once_leave_one_complete_output(archives, tmp_path, tiny_params):
     """Two real `vgg ingest` into one OUT, started together: whatever the interleaving, each either succeeds or
     is refused by the lock in one line, and OUT ends complete and verified."""
-    from vgg.data.loader import read_index
+    from vgg.data.shard_format import read_index
 
     out = tmp_path / "out"
     command = [str(BIN / "vgg"), "ingest", str(archives), "--out", str(out), "--workers", "1", "--params", str(tiny_params)]

@@ -17,7 +17,8 @@ import torchvision
 from PIL import Image
 
 from vgg.config import ModelConfig, ScaleRange
-from vgg.data.loader import Preprocess, read_stats
+from vgg.data.preprocessing import Preprocess
+from vgg.data.shard_format import read_stats
 from vgg.data.transforms import decode_rgb
 from vgg.errors import CheckpointError, ConfigError, DataError
 from vgg.evaluate.metrics import errors, top_k_error

@@ -18,7 +18,8 @@ from PIL import Image
 from pipelines.params import load_profile
 from vgg.config import ScaleRange, SynthConfig
 from vgg.data.gpu_decode import DeviceTrainCrop, decode_jpegs
-from vgg.data.loader import ColourStats, Preprocess
+from vgg.data.preprocessing import Preprocess
+from vgg.data.shard_format import ColourStats
 from vgg.data.synthetic import render
 from vgg.data.transforms import TrainCrop, decode_chw
 from vgg.errors import ConfigError, DataError
@@ -60,7 +61,7 @@ def test_device_crop_is_train_crop_when_decoded_at_full_size():
     assert all(min(decode_chw(data, min_side=scale.s_max).shape[1:]) < 2 * scale.s_min for data in jpegs)
     expected, crops = both(jpegs, scale, 32)
     assert crops.shape == (12, 3, 32, 32) and crops.dtype == torch.uint8
-    assert crops.is_contiguous(memory_format=torch.channels_last)  # the layout of loader.Batch.images
+    assert crops.is_contiguous(memory_format=torch.channels_last)  # the layout of batch.Batch.images
     error = (crops.int() - expected.int()).abs().float()
     # Same window and flip; float32 vs uint8 resampling rounds differently (module doc: ~0.15 mean, ≤ ~5 max).
     assert error.mean() < 0.5 and error.max() <= 8

@@ -20,7 +20,7 @@ from PIL import Image
 
 from vgg.config import SynthConfig
 from vgg.data.imagenet import open_raw
-from vgg.data.shards import ingest
+from vgg.data.ingest import ingest
 from vgg.data.synthetic import synthesize
 from vgg.errors import DataError
 
@@ -215,7 +215,7 @@ def test_extracted_and_archive_inputs_give_the_same_shards(raw, shards, tmp_path
 
 FAILING_INGEST = """
 import resource, signal, sys
-from vgg.data.shards import ingest
+from vgg.data.ingest import ingest
 from vgg.errors import DataError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))

@@ -35,7 +35,9 @@ from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_jo
 from pipelines.tracking import RESUME_TAG, flatten
 from tests.conftest import TOKEN, free_port
 from vgg.config import Profile
-from vgg.data.loader import Preprocess, batches_per_epoch, read_index, read_stats, train_batches
+from vgg.data.loader import batches_per_epoch, train_batches
+from vgg.data.preprocessing import Preprocess
+from vgg.data.shard_format import read_index, read_stats
 from vgg.evaluate.results import Posteriors
 from vgg.models import checkpoint, from_config
 from vgg.models.io import load_model

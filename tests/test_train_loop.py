@@ -22,7 +22,8 @@ from torch import Tensor, nn
 import vgg.models
 from pipelines.params import load_profile
 from vgg.config import TrainConfig
-from vgg.data.loader import ColourStats, Preprocess
+from vgg.data.preprocessing import Preprocess
+from vgg.data.shard_format import ColourStats
 from vgg.errors import CheckpointError, DataError, DivergenceError
 from vgg.models import checkpoint
 from vgg.train import precision
@@ -54,7 +55,7 @@ def train_config(**changes: Any) -> TrainConfig:
 
 
 class Scale(nn.Module):
-    """Stand-in for vgg.data.loader.Preprocess on the tests' synthetic tensors: uint8 → about [-0.5, 0.5]."""
+    """Stand-in for vgg.data.preprocessing.Preprocess on the tests' synthetic tensors: uint8 → about [-0.5, 0.5]."""
 
     def forward(self, images: Tensor, colour: Tensor | None = None) -> Tensor:
         x = images.float() / 255 - 0.5

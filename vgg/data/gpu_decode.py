@@ -61,7 +61,7 @@ class DeviceTrainCrop:
     """`TrainCrop` for a batch, decoded and resampled on the device.
 
     `transform(jpegs, draws, device=...) -> uint8 [N, 3, crop, crop]` on `device`, channels_last in memory (the
-    layout of `vgg.data.loader.Batch.images`); feed it to `Preprocess` on the same device.
+    layout of `vgg.data.batch.Batch.images`); feed it to `Preprocess` on the same device.
     """
 
     scale: ScaleRange

@@ -16,7 +16,7 @@ devkit's ILSVRC2012_IDs are a different order and are only used to map the val g
 
 Archives are indexed by their tar headers only (the data is skipped by seeking), so every image becomes a
 `RawRef`: a byte range of one file under RAW. Reading an image is one `pread`, from any process, in any order:
-that is what lets `vgg.data.shards` ingest in parallel with an output order that does not depend on scheduling.
+that is what lets `vgg.data.ingest` ingest in parallel with an output order that does not depend on scheduling.
 Nothing is ever extracted by path; a member with an absolute name or a `..` component is refused.
 """
 

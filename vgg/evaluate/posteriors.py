@@ -26,7 +26,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vgg.config import ScaleRange
-from vgg.data.loader import Preprocess, iter_samples, read_index, read_stats
+from vgg.data.preprocessing import Preprocess
+from vgg.data.samples import iter_samples
+from vgg.data.shard_format import read_index, read_stats
 from vgg.data.transforms import decode_rgb, draft_factor, jpeg_size
 from vgg.errors import ConfigError, DataError
 from vgg.evaluate.results import Posteriors
@@ -67,7 +69,7 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class _Sample(Protocol):
-    """What evaluation needs of `vgg.data.loader.Sample`."""
+    """What evaluation needs of `vgg.data.samples.Sample`."""
 
     key: str
     jpeg: bytes

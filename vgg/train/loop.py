@@ -33,7 +33,7 @@ from vgg.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from vgg.train import precision
 from vgg.train.schedule import PlateauSchedule, StopReason
 
-# A training batch: vgg.data.loader.Batch(images uint8 [N,3,H,W], labels int64 [N], colour float32 [N,3]).
+# A training batch: vgg.data.batch.Batch(images uint8 [N,3,H,W], labels int64 [N], colour float32 [N,3]).
 BatchLike = Sequence[Tensor]
 
 
@@ -102,7 +102,7 @@ def fit(
         taken (a trailing incomplete group is not drawn, like drop_last).
     validate(model): (top-1 error %, top-5 error %) of the unwrapped model, called in eval mode after each epoch;
         see `evaluate_errors`.
-    preprocess: uint8 → float module, `preprocess(images, colour)` (vgg.data.loader.Preprocess).
+    preprocess: uint8 → float module, `preprocess(images, colour)` (vgg.data.preprocessing.Preprocess).
     header: the checkpoint fields besides weights and resume state (`vgg.models.checkpoint.header`).
     resume: a payload from `vgg.models.checkpoint.load` of an interrupted run with the same config; every rank
         must pass it.

@@ -1,5 +1,6 @@
 """Ingest raw ILSVRC-2012 (archives or extracted, `vgg.data.imagenet`) into WebDataset shards, an index and the
-training set's colour statistics — the on-disk contract the loader reads (brief: "Shards on disk").
+training set's colour statistics: the shard format of `vgg.data.shard_format`, which the loaders read (brief:
+"Shards on disk").
 
 OUT/ after `ingest(RAW, OUT, ...)`:
 - `train-000000.tar`…, `val-000000.tar`…: WebDataset samples `<key>.cls` (ASCII class index, sorted-WNID order),
@@ -64,10 +65,11 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from vgg.data.imagenet import SPLITS, RawImageNet, RawRef, open_raw, open_regular, read_range
+from vgg.data.shard_format import (INDEX_FILE, JPEG, LABEL, META, SHARD_NAME, STATS_FILE, ColourStats, Shard,
+                                   ShardIndex, Split, encode_index, encode_stats, json_bytes, shard_file)
 from vgg.errors import ConfigError, DataError
 from vgg.files import NO_SPACE, file_sha256, write_atomic, write_error
 
-FORMAT = 1  # index.json "format"
 INGEST_VERSION = 2  # bump when the bytes ingestion writes change; part of the source fingerprint (2: only JPEG/PNG
 # decoded, pixel and byte caps, shard sizes in index.json)
 JPEG_QUALITY = 95  # re-encoding (conversions, resizes), with 4:4:4 chroma
@@ -85,7 +87,6 @@ MAX_PIXELS = 64 * 2**20
 MAX_FILE_BYTES = 128 * 2**20
 JPEG_MAX_SIDE = 65_500  # libjpeg cannot encode a larger side; the check avoids its message on stderr
 LOCK_FILE = ".ingest.lock"
-SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 SUMMARY_NAMES = 5  # skipped files named in the summary line; index.json lists them all
 
 
@@ -117,7 +118,7 @@ class IngestReport:
         if self.skipped:
             names = ", ".join(self.skipped_names[:SUMMARY_NAMES])
             more = f" and {self.skipped - SUMMARY_NAMES} more" if self.skipped > SUMMARY_NAMES else ""
-            skipped += f": {names}{more}, reasons in {self.out / 'index.json'} \"skipped\""
+            skipped += f": {names}{more}, reasons in {self.out / INDEX_FILE} \"skipped\""
         if self.up_to_date:
             return f"up to date: {self.out} already holds {images} images in {shards} shards from this input ({skipped})"
         repaired = f"; rewritten because {self.repaired[0]}" if self.repaired else ""
@@ -125,21 +126,6 @@ class IngestReport:
             f"ingested {images} images into {shards} shards in {self.out} ({self.converted} converted, "
             f"{self.resized} resized, {skipped}) in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s){repaired}"
         )
-
-
-@dataclass(frozen=True)
-class ColourStats:
-    """RGB statistics of the training set on the 0–255 scale: the mean (§2.1) and the covariance's
-    eigen-decomposition for AlexNet's PCA colour augmentation (§3.1)."""
-
-    count: int  # training images
-    mean_rgb: tuple[float, float, float]
-    eigval: tuple[float, float, float]  # descending
-    eigvec: tuple[tuple[float, ...], ...]  # 3×3, column j belongs to eigval[j]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"count": self.count, "mean_rgb": list(self.mean_rgb), "eigval": list(self.eigval),
-                "eigvec": [list(row) for row in self.eigvec]}
 
 
 @dataclass(frozen=True)
@@ -232,24 +218,24 @@ def ingest(
                         "fix or replace those files"
                     )
             stats = colour_stats(by_split["train"])
-            index = {
-                "format": FORMAT,
-                "classes": list(dataset.classes),
-                "names": list(dataset.names),
-                "max_side": max_side,
-                "source": source,
-                "splits": {
-                    split: {
-                        "count": sum(r.count for r in by_split[split]),
-                        "shards": [{"file": r.file, "count": r.count, "sha256": r.sha256, "bytes": r.bytes_written}
-                                   for r in by_split[split]],
-                    }
+            index = ShardIndex(
+                root=out,
+                classes=tuple(dataset.classes),
+                names=tuple(dataset.names),
+                max_side=max_side,
+                splits={
+                    split: Split(
+                        count=sum(r.count for r in by_split[split]),
+                        shards=tuple(Shard(file=r.file, path=out / r.file, count=r.count, sha256=r.sha256,
+                                           bytes=r.bytes_written) for r in by_split[split]),
+                    )
                     for split in SPLITS
                 },
-                "converted": [{"name": n, "reason": why} for n, why in sorted(c for r in results for c in r.converted)],
-                "skipped": [{"name": n, "reason": why} for n, why in skipped],
-            }
-            write_atomic(staging / "stats.json", _json_bytes(stats.to_json()))
+                source=source,
+                converted=tuple({"name": n, "reason": why} for n, why in sorted(c for r in results for c in r.converted)),
+                skipped=tuple({"name": n, "reason": why} for n, why in skipped),
+            )
+            write_atomic(staging / STATS_FILE, encode_stats(stats))
             _publish(out, staging, [r.file for split in SPLITS for r in by_split[split]], index, owned=owned, lock=lock)
         except BrokenProcessPool:
             raise DataError(f"an ingest worker process died (out of memory?) while writing {out}; retry with fewer workers") from None
@@ -265,11 +251,11 @@ def ingest(
     return IngestReport(
         out=out,
         up_to_date=False,
-        counts={split: index["splits"][split]["count"] for split in SPLITS},
+        counts={split: index.splits[split].count for split in SPLITS},
         shards={split: len(by_split[split]) for split in SPLITS},
-        converted=len(index["converted"]),
+        converted=len(index.converted),
         resized=sum(r.resized for r in results),
-        skipped=len(index["skipped"]),
+        skipped=len(index.skipped),
         bytes_read=sum(r.bytes_read for r in results),
         bytes_written=sum(r.bytes_written for r in results),
         seconds=time.perf_counter() - started,
@@ -327,7 +313,7 @@ def _fingerprint(dataset: RawImageNet, refs: dict[str, tuple[RawRef, ...]], *, m
 def _previous_index(out: Path) -> dict[str, Any] | None:
     """OUT/index.json parsed, `{}` when present but unreadable, None when absent."""
     try:
-        index = json.loads((out / "index.json").read_text())
+        index = json.loads((out / INDEX_FILE).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -350,7 +336,7 @@ def _damaged(out: Path, index: dict[str, Any]) -> list[str]:
     files = _listed(index)
     if not files:
         return ["index.json lists no shards"]
-    if not (out / "stats.json").is_file():
+    if not (out / STATS_FILE).is_file():
         return ["stats.json is missing"]
     entries = {str(shard["file"]): shard for split in SPLITS for shard in index["splits"][split]["shards"]}
     for name in files:
@@ -369,10 +355,10 @@ def _owned(previous: dict[str, Any] | None, record: dict[str, Any]) -> set[str]:
     the lock file records a killed run was publishing."""
     owned = {name for name in record.get("files", []) if isinstance(name, str) and SHARD_NAME.fullmatch(name)}
     if record.get("files"):
-        owned |= {"index.json", "stats.json"}
+        owned |= {INDEX_FILE, STATS_FILE}
     listed = _listed(previous)
     if listed:
-        owned |= {name for name in listed if SHARD_NAME.fullmatch(name)} | {"index.json", "stats.json"}
+        owned |= {name for name in listed if SHARD_NAME.fullmatch(name)} | {INDEX_FILE, STATS_FILE}
     return owned
 
 
@@ -408,8 +394,8 @@ def _check_in_the_way(
 ) -> None:
     """Refuse to replace a file the project did not write: a shard name, stats.json or index.json that no index or
     lock record lists. (An unreadable index.json is replaced only with overwrite, which `_check_out` asked for.)"""
-    mine = owned | ({"index.json"} if previous is not None and overwrite else set())
-    blocking = [name for name in [*shards, "stats.json", "index.json"] if name not in mine and os.path.lexists(out / name)]
+    mine = owned | ({INDEX_FILE} if previous is not None and overwrite else set())
+    blocking = [name for name in [*shards, STATS_FILE, INDEX_FILE] if name not in mine and os.path.lexists(out / name)]
     if blocking:
         more = f" and {len(blocking) - 1} more" if len(blocking) > 1 else ""
         raise DataError(
@@ -506,7 +492,7 @@ def _plan(
     order = np.random.default_rng(SHUFFLE_SEED).permutation(len(refs)) if split == "train" else np.arange(len(refs))
     chunks = np.array_split(order, math.ceil(len(refs) / shard_size))
     return [
-        _Task(root=str(dataset.root), staging=str(staging), file=f"{split}-{number:06d}.tar",
+        _Task(root=str(dataset.root), staging=str(staging), file=shard_file(split, number),
               refs=tuple(refs[i] for i in chunk), max_side=max_side, stats=split == "train")
         for number, chunk in enumerate(chunks)
     ]
@@ -561,7 +547,7 @@ def _write_shard(task: _Task) -> _Result:
                     result.converted.append((ref.name, converted))
                 result.resized += resized
                 meta = {"wnid": ref.wnid, "source": ref.name, "size": list(size)}
-                for extension, payload in (("cls", str(ref.label).encode()), ("jpg", jpeg), ("json", _json_bytes(meta))):
+                for extension, payload in ((LABEL, str(ref.label).encode()), (JPEG, jpeg), (META, json_bytes(meta))):
                     _add(tar, f"{ref.key}.{extension}", payload)
                 result.count += 1
                 if task.stats:
@@ -651,26 +637,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-
-
 def _publish(
-    out: Path, staging: Path, files: list[str], index: dict[str, Any], *, owned: set[str], lock: _Lock
+    out: Path, staging: Path, files: list[str], index: ShardIndex, *, owned: set[str], lock: _Lock
 ) -> None:
     """Move a finished output into OUT: record in the lock file what is about to land (a kill from here on leaves
     only recorded files), invalidate the old index, rename shards and stats.json into place, drop the project's
     own shards that the new output lacks, and put index.json last (its presence = complete)."""
-    write_atomic(staging / "index.json", json.dumps(index, indent=1).encode() + b"\n")  # the last write that can fail
+    write_atomic(staging / INDEX_FILE, encode_index(index))  # the last write that can fail
     lock.keep = True
     lock.write({"pid": os.getpid(), "staging": staging.name, "files": sorted(name for name in owned | set(files) if SHARD_NAME.fullmatch(name))})
-    (out / "index.json").unlink(missing_ok=True)
-    for name in [*files, "stats.json"]:
+    (out / INDEX_FILE).unlink(missing_ok=True)
+    for name in [*files, STATS_FILE]:
         os.replace(staging / name, out / name)
     for name in sorted(owned - set(files)):
         if SHARD_NAME.fullmatch(name):
             (out / name).unlink(missing_ok=True)
-    os.replace(staging / "index.json", out / "index.json")
+    os.replace(staging / INDEX_FILE, out / INDEX_FILE)
     directory = os.open(out, os.O_RDONLY)
     try:
         os.fsync(directory)
