@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = "1600,1000"
+WINDOWS = {"runs": "1600,1000", "compare": "1600,2000", "model": "1600,900"}  # px: the compare page is long
 RENDER_BUDGET_MS = 20_000  # Chromium's virtual time for the single-page app to fetch and draw
 
 
@@ -41,14 +41,14 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     with mlflow_ui(args.store) as url:
-        for name, page in pages(url, args.store).items():
+        for name, page in pages(url).items():
             path = args.out / f"mlflow-{name}.png"
-            screenshot(browser, page, path)
+            screenshot(browser, page, path, window=WINDOWS[name])
             print(f"{path}: {page}")
     return 0
 
 
-def pages(url: str, store: Path) -> dict[str, str]:
+def pages(url: str) -> dict[str, str]:
     """The three pages, found through MLflow's REST API: the profile's experiment, its two jittered models' runs
     (D and E: the paper's best single models), the champion registered model."""
     experiment = _get(url, "experiments/search", {"max_results": 10})["experiments"]
@@ -67,10 +67,10 @@ def pages(url: str, store: Path) -> dict[str, str]:
     }
 
 
-def screenshot(browser: str, page: str, path: Path) -> None:
+def screenshot(browser: str, page: str, path: Path, *, window: str) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-                        f"--window-size={WINDOW}", f"--virtual-time-budget={RENDER_BUDGET_MS}", "--hide-scrollbars",
+                        f"--window-size={window}", f"--virtual-time-budget={RENDER_BUDGET_MS}", "--hide-scrollbars",
                         f"--screenshot={path}", page], check=True, capture_output=True, timeout=180)
 
 

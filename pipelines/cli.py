@@ -35,7 +35,6 @@ SetOption = Annotated[
 ]
 
 
-
 @app.callback()
 def _root() -> None:
     """Reproduce VGG (Simonyan & Zisserman, ICLR 2015): data, training, every evaluation mode, report."""
@@ -156,7 +155,6 @@ def evaluate(
     from vgg.models import checkpoint
 
     from pipelines.evaluation import Request, run
-
     from vgg.files import check_writable
 
     resolved = _profile(params, profile, set_)
@@ -274,6 +272,9 @@ def tune(
     trials: Annotated[int, typer.Option(help="trials (each a Ray Train run)")] = 4,
     max_epochs: Annotated[int, typer.Option(help="epochs per trial; ASHA stops the weak ones earlier")] = 4,
     time_budget: Annotated[float, typer.Option(help="seconds for the whole search")] = 900.0,
+    label_smoothing: Annotated[str, typer.Option(
+        "--label-smoothing", help="train.label_smoothing candidates drawn per trial, e.g. 0,0.1 (default: the "
+        "profile's value, not searched)")] = "",
     storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE", help="Ray storage")] = Path("ray_results"),
     track: Annotated[bool, typer.Option(help="parent + child runs in MLflow")] = True,
     params: ParamsOption = DEFAULT_PARAMS,
@@ -289,6 +290,8 @@ def tune(
         s_min_range=ray_tune.parse_sizes(s_min, option="--s-min"),
         s_max_range=ray_tune.parse_sizes(s_max, option="--s-max"),
         trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage, out=out, track=track,
+        label_smoothing=(ray_tune.parse_fractions(label_smoothing, option="--label-smoothing")
+                         if label_smoothing else None),
     )
     typer.echo(f"best values written to {out}")
 

@@ -3,6 +3,7 @@ while a training runs, outputs that cannot be written. Each ends in one line, an
 
 from __future__ import annotations
 
+import pytest
 import os
 import subprocess
 import time
@@ -13,6 +14,8 @@ import torch
 from tests.conftest import BIN, stop_group
 from pipelines.cluster import free_port
 from vgg.models import checkpoint
+
+pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
 
 RUN_TIMEOUT_S = 420
 

@@ -26,6 +26,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import BIN, ROOT
 from vgg.models import checkpoint
 
+pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
+
 RUN_TIMEOUT_S = 420
 LONG = ("--set", "train.max_epochs=200", "--set", "train.patience=200")  # runs until it is interrupted
 

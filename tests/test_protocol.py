@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import BIN, ROOT
 
 # Most of `make test`'s 13–14 minutes on 2 cores (Ray Train runs); `PYTEST_ARGS="-m 'not protocol'"` skips it.
-pytestmark = pytest.mark.protocol
+pytestmark = [pytest.mark.protocol, pytest.mark.slow]
 
 STAGES_UPSTREAM_OF_TRAINING = {"synth", "ingest"}
 
@@ -216,3 +216,25 @@ def test_two_dvc_experiments_compare_in_dvc_exp_show(project, ray_cluster):
     client, experiment_id = _store(project)
     protocols = [r for r in client.search_runs([experiment_id]) if r.data.tags.get("stage") == "protocol"]
     assert len(protocols) == 3, [r.info.run_name for r in protocols]  # the first repro's, one per experiment
+
+
+def test_the_mlflow_ui_serves_the_runs_table_a_comparison_and_the_champion(project):
+    """What docs/screenshots.py photographs, checked through MLflow's REST API on a real `mlflow ui` of the store."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("screenshots", ROOT / "docs" / "screenshots.py")
+    screenshots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshots)
+    with screenshots.mlflow_ui(project / "mlflow.db") as url:
+        pages = screenshots.pages(url)
+        experiment = screenshots._get(url, "experiments/get-by-name", {"experiment_name": "vgg-tiny"})["experiment"]
+        tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
+        evaluated = screenshots._post(url, "runs/search", {
+            "experiment_ids": [experiment["experiment_id"]],
+            "filter": "metrics.`eval/dense_single/top1_err` >= 0", "max_results": 100})["runs"]
+        champion = screenshots._get(url, "registered-models/alias", {"name": pages["model"].rsplit("/", 1)[1],
+                                                                    "alias": "champion"})["model_version"]
+    assert pages["runs"].endswith(f"#/experiments/{experiment['experiment_id']}?workflowType=machine_learning")
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert len([run for run in evaluated if run["info"]["run_name"].startswith("train-")]) == 12
+    assert "compare-runs?runs=" in pages["compare"] and champion["run_id"]

@@ -43,6 +43,8 @@ from vgg.models import checkpoint, from_config
 from vgg.models.io import load_model
 from vgg.train.loop import fit
 
+pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
+
 VGG = Path(sys.executable).parent / "vgg"  # the real console script of this venv
 RUN_TIMEOUT_S = 420  # one `vgg train` of the tiny profile; generous: the 2 cores are shared
 RESUMED = re.compile(r"resuming from its checkpoint after optimizer step (\d+)")

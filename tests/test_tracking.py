@@ -13,6 +13,8 @@ from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_r
                                 tracking_uri)
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
+
 
 def _real_model(tmp_path, tiny_params):
     """A `vgg train`-format final model of A (the tiny profile's shapes) and colour statistics, as a run writes."""

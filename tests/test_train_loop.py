@@ -117,14 +117,14 @@ def small_vgg() -> nn.Module:
 
 
 def run(model: nn.Module, data: Quadrants, config: TrainConfig, *, val: Quadrants | None = None,
-        hooks: Hooks | None = None, resume: dict | None = None, validate=None):
+        hooks: Hooks | None = None, resume: dict | None = None, validate=None, lr: float | None = None):
     """fit() on `data`; the Table-1 VGG gets the real Preprocess, the tiny test nets the [-0.5, 0.5] stand-in."""
     preprocess = paper_preprocess() if isinstance(model, vgg.models.VGG) else Scale()
     if validate is None:
         def validate(m: nn.Module) -> tuple[float, float]:
             source = val or data
             return evaluate_errors(model=m, batches=source.batches(0, 0), preprocess=preprocess, device=CPU)
-    return fit(model=model, config=config, lr=config.lr, batches=data.batches, steps_per_epoch=data.steps,
+    return fit(model=model, config=config, lr=lr or config.lr, batches=data.batches, steps_per_epoch=data.steps,
                validate=validate, preprocess=preprocess, device=CPU, header=HEADER, hooks=hooks, resume=resume)
 
 
@@ -288,16 +288,17 @@ def _serialised(payload: dict[str, Any]) -> bytes:
 
 
 def test_a_diverging_run_stops_with_one_line_before_checkpointing_it() -> None:
-    """lr 100 makes the loss NaN within epoch 1: fit stops at the first checkpoint after that with a clear error,
-    and every checkpoint it handed over before holds finite weights."""
+    """lr 100 (above what a profile accepts; `fit` takes any lr) makes the loss NaN within epoch 1: fit stops at
+    the first checkpoint after that with a clear error, and every checkpoint it handed over before holds finite
+    weights."""
     data = Quadrants(count=32, size=16, micro_batch=4, seed=1)
     hooks = KeepCheckpoints()
-    config = train_config(batch_size=4, micro_batch=4, lr=100.0, max_epochs=3, checkpoint_every=1)
+    config = train_config(batch_size=4, micro_batch=4, lr=0.01, max_epochs=3, checkpoint_every=1)
     torch.manual_seed(0)
     with pytest.raises(DivergenceError, match=r"^training diverged in epoch 1 by optimizer step \d+ \(lr 100\): "
                                               r"the training loss is nan; no checkpoint was written from these "
                                               r"weights\. Lower the learning rate$"):
-        run(Tiny(dropout=0.0), data, config, hooks=hooks)
+        run(Tiny(dropout=0.0), data, config, hooks=hooks, lr=100.0)
     assert 0 < len(hooks.saved) < data.steps
     assert all(value.isfinite().all() for saved in hooks.saved for value in saved["model"].values())
 
