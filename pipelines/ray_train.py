@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import sys
 import tempfile
 import threading

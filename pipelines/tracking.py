@@ -356,8 +356,8 @@ def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[
         fusion.finish()
     best = min(by_run, key=lambda run_id: by_run[run_id].get("eval/dense_multi/top1_err", float("inf")), default=None)
     if best is not None and "eval/dense_multi/top1_err" in by_run[best]:
-        for version in client.search_model_versions(f"run_id = '{best}'"):
-            client.set_registered_model_alias(version.name, "champion", version.version)
+        for registered in client.search_model_versions(f"run_id = '{best}'"):
+            client.set_registered_model_alias(registered.name, "champion", registered.version)
     return notes
 
 

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,6 +107,24 @@ TINY_OVERRIDES = {
     "train": {"batch_size": 16, "micro_batch": 8, "max_epochs": 2, "patience": 1},
     "eval": {"batch_size": 64},
 }
+
+
+def make_project(root: Path, tiny_params: Path, env: dict[str, str], **train: Any) -> Path:
+    """A git repository at `root` holding this project's tracked files, with the tiny profile active and its
+    `train:` section updated by `train` (committed: DVC experiments need a commit)."""
+    import yaml
+
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    params = yaml.safe_load(tiny_params.read_text())
+    params["profiles"]["tiny"]["train"].update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, ROOT
+from tests.conftest import BIN, make_project
 from vgg.models import checkpoint
 
 pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
@@ -162,19 +160,7 @@ def test_an_interrupted_vgg_tune_stops_cleanly(sig, tiny_params, tiny_shards, tm
 
 
 def _project(tmp_path: Path, tiny_params: Path, env: dict[str, str], *, max_epochs: int) -> Path:
-    """A git repository holding this project's tracked files with the tiny profile active."""
-    root = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in filter(None, files.split("\0")):
-        if (ROOT / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, root / name)
-    params = yaml.safe_load(tiny_params.read_text())
-    params["profiles"]["tiny"]["train"].update(max_epochs=max_epochs, patience=200)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
-        subprocess.run(command, cwd=root, env=env, check=True)
-    return root
+    return make_project(tmp_path / "project", tiny_params, env, max_epochs=max_epochs, patience=200)
 
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, ROOT
+from tests.conftest import BIN, ROOT, make_project
 
 # Most of `make test`'s 13–14 minutes on 2 cores (Ray Train runs); `PYTEST_ARGS="-m 'not protocol'"` skips it.
 pytestmark = [pytest.mark.protocol, pytest.mark.slow]
@@ -41,18 +41,8 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 2400) -
 def project(tmp_path_factory, tiny_params, ray_cluster) -> Path:
     """A fresh git repository holding this project's tracked files, with the tiny profile active, after one
     complete `dvc repro`."""
-    root = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in filter(None, files.split("\0")):
-        if (ROOT / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, root / name)
-    params = yaml.safe_load(tiny_params.read_text())
-    params["profiles"]["tiny"]["train"]["max_epochs"] = 1
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(ray_cluster)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
-        subprocess.run(command, cwd=root, env=env, check=True)
+    root = make_project(tmp_path_factory.mktemp("project"), tiny_params, env, max_epochs=1)
     result = _run([str(BIN / "dvc"), "repro"], root, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root

@@ -467,7 +467,7 @@ def _markdown(
         "images only one of the two models gets right), Holm-adjusted within the finding at 5%. `reproduced`: at",
         "least one comparison significant in the paper's direction and none against; `contradicted`: one",
         "significant against; otherwise the direction most of those images favour, not significant.",
-        f"\"LRN does not help\" claims no difference: reproduced when the 95% interval of err(A) − err(A-LRN) lies",
+        "\"LRN does not help\" claims no difference: reproduced when the 95% interval of err(A) − err(A-LRN) lies",
         f"below {LRN_MARGIN:g} point (the margin).",
         "",
     ]
