@@ -1,8 +1,8 @@
 """Throughput of our training input pipeline against torchvision's ImageFolder and against the decode ceiling,
 measured in the same run on the same JPEGs.
 
-Per profile, N generated JPEGs are written twice: as WebDataset shards per the on-disk contract (read by
-`vgg.data.loader.train_batches`) and as an ImageFolder tree of `.JPEG` files. Every pipeline runs in a torch
+Per profile, N generated JPEGs are written twice: as WebDataset shards in the shard format (`vgg.data.shard_format`,
+read by `vgg.data.loader.train_batches`) and as an ImageFolder tree of `.JPEG` files. Every pipeline runs in a torch
 DataLoader with the same number of worker processes and the same batch size, and is timed over full passes
 (worker start-up included), in `--repeats` interleaved rounds. The machine is shared and its speed drifts by up to
 1.5× within minutes, so each ratio against ours is the median of the rounds' ratios (the two pipelines ran seconds
@@ -10,6 +10,10 @@ apart), and the table shows each pipeline's best round:
 
 - ours: shards → decode of the random crop window's box only (draft when S ≪ image) → S-rescaled window → flip
   → uint8 batch, PCA alpha.
+- webdataset: the same shards through a plain `webdataset` pipeline, the baseline for our hand-written tar reader:
+  WebDataset (shards shuffled, whole shards split among workers) → shuffle buffer of ours' size → our TrainCrop
+  and PCA alpha on each sample → batched. Only the reading and batching differ from ours; what it cannot do is why
+  ours exists (equal samples per rank, an exact mid-epoch resume that skips without reading: see vgg.data.loader).
 - imagefolder-rrc: ImageFolder + torchvision's reference training transforms: RandomResizedCrop(crop),
   RandomHorizontalFlip, ToTensor, Normalize.
 - imagefolder-resize: ImageFolder + Resize(S) (S = the middle of the profile's range), RandomCrop(crop),
@@ -27,6 +31,7 @@ S = 384 and S ~ U[256, 512] — and small (JPEGs as `vgg ingest` stores them at 
 
     python benchmarks/input_pipeline.py results/bench_input_pipeline.json
     python benchmarks/input_pipeline.py out.json --profiles small --workers 4
+    python benchmarks/input_pipeline.py out.json --profiles small paper --pipelines ours webdataset  # the reader only
 """
 
 from __future__ import annotations
@@ -56,9 +61,16 @@ from torchvision.io import ImageReadMode  # also loads torchvision's image ops (
 
 from vgg.config import ScaleRange
 from vgg.data.loader import train_batches
+from vgg.data.preprocessing import ALPHA_STD
+from vgg.data.shard_format import (INDEX_FILE, JPEG, LABEL, META, Shard, ShardIndex, Split, encode_index,
+                                   shard_file)
+from vgg.data.streams import SHUFFLE_BUFFER
+from vgg.data.transforms import TrainCrop
+from vgg.files import write_atomic
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision reference ImageNet normalisation
 CLASSES = 10
+PIPELINES = ("ours", "webdataset", "imagefolder-rrc", "imagefolder-resize", "decode-pil", "decode-tv", "decode-tv-ship")
 
 
 @dataclass(frozen=True)
@@ -107,18 +119,19 @@ def write_datasets(root: Path, setup: Setup) -> tuple[list[bytes], Path, Path]:
     shards.mkdir(parents=True)
     entries = []
     for number, first in enumerate(range(0, len(jpegs), setup.shard_size)):
-        path = shards / f"train-{number:06d}.tar"
+        path = shards / shard_file("train", number)
         chunk = range(first, min(first + setup.shard_size, len(jpegs)))
         with wds.TarWriter(str(path), mtime=0) as writer:
             for i in chunk:
-                writer.write({"__key__": f"img_{i:06d}", "cls": str(i % CLASSES).encode(), "jpg": jpegs[i],
-                              "json": json.dumps({"size": list(setup.sizes[i % len(setup.sizes)])}).encode()})
+                writer.write({"__key__": f"img_{i:06d}", LABEL: str(i % CLASSES).encode(), JPEG: jpegs[i],
+                              META: json.dumps({"size": list(setup.sizes[i % len(setup.sizes)])}).encode()})
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        entries.append({"file": path.name, "count": len(chunk), "sha256": digest})
-    index = {"format": 1, "classes": [f"n{c:08d}" for c in range(CLASSES)], "names": [str(c) for c in range(CLASSES)],
-             "max_side": max(max(size) for size in setup.sizes), "source": {"kind": "benchmark"},
-             "splits": {"train": {"count": len(jpegs), "shards": entries}}, "converted": [], "skipped": []}
-    (shards / "index.json").write_text(json.dumps(index))
+        entries.append(Shard(file=path.name, path=path, count=len(chunk), sha256=digest, bytes=path.stat().st_size))
+    index = ShardIndex(root=shards, classes=tuple(f"n{c:08d}" for c in range(CLASSES)),
+                       names=tuple(str(c) for c in range(CLASSES)), max_side=max(max(size) for size in setup.sizes),
+                       splits={"train": Split(count=len(jpegs), shards=tuple(entries))}, source={"kind": "benchmark"},
+                       converted=(), skipped=())
+    write_atomic(shards / INDEX_FILE, encode_index(index))
     for c in range(CLASSES):
         (folder / f"n{c:08d}").mkdir(parents=True)
     for i, data in enumerate(jpegs):
@@ -163,6 +176,35 @@ class DecodeOnly(IterableDataset):
             yield (images, [0] * len(chunk)) if self.ship else len(chunk)
 
 
+class Augment:
+    """What ours does to a sample, for the webdataset pipeline: our TrainCrop (decode, S-rescaled random crop, flip)
+    and a PCA alpha, drawn from one generator per worker (ours seeds one per sample: a cost ours pays)."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.crop = TrainCrop(scale=setup.scale, crop=setup.crop)
+        self.rng: np.random.Generator | None = None
+
+    def __call__(self, sample: tuple[bytes, bytes]) -> tuple[torch.Tensor, int, np.ndarray]:
+        if self.rng is None:
+            info = get_worker_info()
+            self.rng = np.random.default_rng(info.id if info else 0)
+        jpeg, label = sample
+        return self.crop(jpeg, self.rng), int(label), self.rng.normal(0.0, ALPHA_STD, 3).astype(np.float32)
+
+
+def webdataset_loader(shards: Path, setup: Setup, *, workers: int, epoch: int) -> DataLoader:
+    """The plain webdataset pipeline over our shards (see the module doc)."""
+    urls = [str(path) for path in sorted(shards.glob("train-*.tar"))]
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=len(urls), seed=epoch, detshuffle=True, empty_check=False)
+        .shuffle(SHUFFLE_BUFFER)
+        .to_tuple(JPEG, LABEL)
+        .map(Augment(setup))
+        .batched(setup.batch_size, partial=False)
+    )
+    return DataLoader(dataset, batch_size=None, num_workers=workers)
+
+
 def timed_pass(batches) -> tuple[int, float, float]:
     """(images, wall s, CPU s of this process and its exited children, the pass's dataloader workers included)."""
     def cpu() -> float:
@@ -176,7 +218,7 @@ def timed_pass(batches) -> tuple[int, float, float]:
     return images, time.perf_counter() - started, cpu() - started_cpu  # exhausted dataloaders joined their workers
 
 
-def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Path) -> dict:
+def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Path, keys: list[str]) -> dict:
     # The same images serve every profile that names them.
     data = root / hashlib.sha256(repr((setup.sizes, setup.images, setup.shard_size)).encode()).hexdigest()[:12]
     jpegs, shards, folder = read_datasets(data, setup) if data.exists() else write_datasets(data, setup)
@@ -188,9 +230,10 @@ def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Pa
     }
 
     def pipelines(epoch: int) -> dict:
-        # ours first, then the decode ceiling (the ratio that matters most is of two passes seconds apart)
+        # ours first, then webdataset and the decode ceiling (the ratios that matter most are of passes seconds apart)
         loaders = {"ours": train_batches(shards, scale=setup.scale, crop=setup.crop, batch_size=setup.batch_size,
-                                         rank=0, world_size=1, workers=workers, epoch=epoch, seed=0)}
+                                         rank=0, world_size=1, workers=workers, epoch=epoch, seed=0),
+                   "webdataset": webdataset_loader(shards, setup, workers=workers, epoch=epoch)}
         for key, decoder, ship in (("decode-tv", "tv", None), ("decode-pil", "pil", None),
                                    ("decode-tv-ship", "tv", setup.crop)):
             loaders[key] = DataLoader(DecodeOnly(jpegs, batch_size=setup.batch_size, decoder=decoder, ship=ship),
@@ -198,7 +241,7 @@ def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Pa
         for key, transform in folders.items():
             loaders[key] = DataLoader(ImageFolder(str(folder), transform=transform), batch_size=setup.batch_size,
                                       shuffle=True, num_workers=workers, drop_last=True)
-        return loaders
+        return {key: loader for key, loader in loaders.items() if key in keys}
 
     rate: dict[str, list[float]] = {}  # images/s, per round
     cpu: dict[str, list[float]] = {}  # CPU µs per image (workers and main process), per round
@@ -207,9 +250,14 @@ def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Pa
             images, seconds, cpu_seconds = timed_pass(loader)
             rate.setdefault(key, []).append(images / seconds)
             cpu.setdefault(key, []).append(cpu_seconds / images * 1e6)
-    ceiling = [max(pil, tv) for pil, tv in zip(rate["decode-pil"], rate["decode-tv"])]
-    baselines = {"decode_ceiling": ceiling, "decode_pil": rate["decode-pil"], "decode_tv_ship": rate["decode-tv-ship"],
-                 "imagefolder_rrc": rate["imagefolder-rrc"], "imagefolder_resize": rate["imagefolder-resize"]}
+    baselines = {"webdataset": rate.get("webdataset"), "decode_pil": rate.get("decode-pil"),
+                 "decode_tv_ship": rate.get("decode-tv-ship"), "imagefolder_rrc": rate.get("imagefolder-rrc"),
+                 "imagefolder_resize": rate.get("imagefolder-resize")}
+    if "decode-pil" in rate and "decode-tv" in rate:
+        baselines["decode_ceiling"] = [max(pil, tv) for pil, tv in zip(rate["decode-pil"], rate["decode-tv"])]
+    baselines = {key: values for key, values in baselines.items() if values is not None}
+    by_cpu = {key: cpu[name] for key, name in (("webdataset", "webdataset"), ("decode_tv", "decode-tv"),
+                                               ("decode_tv_ship", "decode-tv-ship")) if name in cpu}
     return {
         "setup": {**asdict(setup), "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1)},
         "images_per_s": {key: round(max(values), 1) for key, values in rate.items()},
@@ -217,11 +265,10 @@ def run_profile(name: str, setup: Setup, *, workers: int, repeats: int, root: Pa
         "rounds": {"images_per_s": rate, "cpu_us_per_image": cpu},
         # CPU per image is what other tenants of a shared host disturb least: the ratio a quiet machine's
         # images/s would show, every core busy.
-        "ours_vs_by_cpu": {
-            "decode_tv": _median_ratio(cpu["decode-tv"], cpu["ours"]),
-            "decode_tv_ship": _median_ratio(cpu["decode-tv-ship"], cpu["ours"]),
-        },
+        "ours_vs_by_cpu": {key: _median_ratio(values, cpu["ours"]) for key, values in by_cpu.items()},
         "ours_vs": {key: _median_ratio(rate["ours"], values) for key, values in baselines.items()},
+        # the spread of those ratios over the rounds: [min, max]
+        "ours_vs_range": {key: _ratio_range(rate["ours"], values) for key, values in baselines.items()},
     }
 
 
@@ -230,34 +277,43 @@ def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return round(float(np.median([a / b for a, b in zip(numerators, denominators, strict=True)])), 3)
 
 
+def _ratio_range(numerators: list[float], denominators: list[float]) -> list[float]:
+    """[min, max] over rounds of numerator / denominator, both measured in the same round."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return [round(min(ratios), 3), round(max(ratios), 3)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="JSON results file")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per pipeline")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (ratios: the median round's)")
     parser.add_argument("--profiles", nargs="+", choices=sorted(PROFILES), default=list(PROFILES))
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES),
+                        help="which pipelines to time (ours always runs: every ratio is against it)")
     args = parser.parse_args()
-    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-               "workers": args.workers, "profiles": {}}
+    keys = [key for key in PIPELINES if key in args.pipelines or key == "ours"]
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                           "webdataset": wds.__version__},
+               "date": time.strftime("%Y-%m-%d"), "workers": args.workers, "profiles": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.profiles:
             results["profiles"][name] = run_profile(name, PROFILES[name], workers=args.workers,
-                                                    repeats=args.repeats, root=Path(tmp))
-    keys = ["ours", "imagefolder-rrc", "imagefolder-resize", "decode-pil", "decode-tv", "decode-tv-ship"]
+                                                    repeats=args.repeats, root=Path(tmp), keys=keys)
     tables = ((f"images/s ({args.workers} workers)", "images_per_s"), ("CPU µs per image", "cpu_us_per_image"))
     for title, field in tables:
         print(f"{title + ', best round':34s}" + "".join(f"{key:>19s}" for key in keys))
         for name, result in results["profiles"].items():
             print(f"{name:34s}" + "".join(f"{result[field][key]:19.0f}" for key in keys))
-    print(f"ratios: the median of {args.repeats} rounds' ratios")
+    print(f"ratios: the median of {args.repeats} rounds' ratios [min–max]")
     for name, result in results["profiles"].items():
-        ratios = ", ".join(f"{value:.2f}× {key}" for key, value in result["ours_vs"].items())
+        ratios = ", ".join(f"{value:.2f}× [{low:.2f}–{high:.2f}] {key}"
+                           for (key, value), (low, high) in zip(result["ours_vs"].items(),
+                                                                result["ours_vs_range"].values()))
         by_cpu = ", ".join(f"{value:.2f}× {key}" for key, value in result["ours_vs_by_cpu"].items())
         print(f"{name}: ours = {ratios}; by CPU per image: {by_cpu}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_name(args.out.name + ".tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(temporary, args.out)
+    write_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":
