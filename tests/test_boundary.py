@@ -41,3 +41,11 @@ def test_reading_and_fusing_posteriors_does_not_import_torch():
     script = ("import sys, vgg.evaluate.metrics, vgg.evaluate.results, vgg.report\n"
               "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=LIBRARY.parent)
+
+
+def test_ingest_does_not_import_torch():
+    # `vgg ingest` spawns a process per core, each importing vgg.data.ingest and the shard format it shares with the
+    # loaders: importing torch would cost each of them its import time and ~0.5 GB. A fresh interpreter.
+    script = ("import sys, vgg.data.ingest, vgg.data.shard_format\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=LIBRARY.parent)

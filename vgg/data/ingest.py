@@ -628,6 +628,9 @@ def _target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member with fixed header fields (byte-identical shards). `webdataset.TarWriter(user="", group="",
+    mode=0o644, mtime=MTIME, encoder=False)` writes the same bytes, but importing webdataset imports torch, which
+    every spawned ingest worker would then load for nothing: ingest otherwise never imports torch."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mode = 0o644
