@@ -41,6 +41,7 @@ def iter_samples(shards_dir: str | Path, split: str) -> Iterator[Sample]:
 
 
 def jpeg_and_label(shard: Shard, key: str, fields: Mapping[str, bytes], classes: int) -> tuple[bytes, int]:
+    """A sample's JPEG bytes and class index, checked: both members present, the label one of `classes`."""
     if JPEG not in fields or LABEL not in fields:
         raise DataError(f"{shard.path}: sample {key} lacks a jpg or cls member; re-run `vgg ingest`")
     try:

@@ -58,6 +58,7 @@ class Shard:
     bytes: int | None = None  # file size (indexes written before it was recorded have none)
 
     def to_json(self) -> dict[str, Any]:
+        """Its entry in index.json."""
         entry: dict[str, Any] = {"file": self.file, "count": self.count, "sha256": self.sha256}
         if self.bytes is not None:
             entry["bytes"] = self.bytes
@@ -72,7 +73,7 @@ class Split:
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """The parsed, validated `index.json` of a shards directory."""
+    """A shards directory's `index.json`: what `read_index` parses and validates, and `encode_index` writes."""
 
     root: Path
     classes: tuple[str, ...]  # WNIDs in sorted order; a label is a position in this tuple
@@ -220,6 +221,7 @@ def _verify_shard(shard: Shard, fix: str) -> None:
     if count != shard.count:
         raise DataError(f"{shard.path}: holds {count} samples, the index says {shard.count}; {fix}")
 
+
 # ---------------------------------------------------------------------------------------------------- stats
 
 
@@ -235,6 +237,7 @@ class ColourStats:
     count: int | None = None  # training images they were computed over (stats.json "count")
 
     def to_json(self) -> dict[str, Any]:
+        """stats.json's object (`encode_stats` writes it)."""
         raw: dict[str, Any] = {} if self.count is None else {"count": self.count}
         return {**raw, "mean_rgb": [float(v) for v in self.mean_rgb], "eigval": [float(v) for v in self.eigval],
                 "eigvec": [[float(v) for v in row] for row in self.eigvec]}

@@ -94,6 +94,8 @@ class SampleRandom:
 
 
 class TrainStream(IterableDataset):
+    """One rank's training batches of an epoch, worker by worker (the plan: `vgg.data.loader.train_batches`)."""
+
     def __init__(
         self,
         *,
@@ -164,6 +166,8 @@ class TrainStream(IterableDataset):
 
 
 class ValStream(IterableDataset):
+    """One rank's validation batches, each worker its planned runs in order (`vgg.data.loader.val_batches`)."""
+
     def __init__(
         self, *, segments: list[list[Run]], transform: CentreCrop, batch_size: int, classes: int, buffers: BatchBuffers
     ) -> None:
