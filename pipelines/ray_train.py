@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.cluster import ClusterError, connect, placeable, user_error
 from pipelines.provenance import code_digest, file_sha256, protocol_key
-from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
-                                git_commit, protocol_name, source_tags, tracking_uri)
+from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, UnrecordedError, check_reachable, end_status,
+                                flatten, git_commit, protocol_name, source_tags, tracking_uri)
 from vgg.config import Profile, from_mapping
 from vgg.data.loader import batches_per_epoch, train_batches, val_batches
 from vgg.data.preprocessing import Preprocess
@@ -318,7 +318,7 @@ def train(
         try:
             tracked = relay.stop()  # the model is at job.out already, whatever MLflow says
         except TrackingError as error:
-            raise TrackingError(f"training finished and {job.out} is written, but MLflow failed to record it "
+            raise UnrecordedError(f"training finished and {job.out} is written, but MLflow failed to record it "
                                 f"({error}); the model is kept") from None
     try:
         tracked.log_dict(profile.to_dict(), "profile.json")
@@ -331,7 +331,7 @@ def train(
         except Exception:  # the store that failed above may fail again: the first error is the one to report
             pass
         if isinstance(error, Exception) and not isinstance(error, VGGError):
-            raise TrackingError(f"training finished and {job.out} is written, but MLflow failed to record it "
+            raise UnrecordedError(f"training finished and {job.out} is written, but MLflow failed to record it "
                                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); the model is kept"
                                 ) from None
         raise

@@ -38,6 +38,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 class TrackingError(VGGError):
     """The tracking store cannot be reached or written."""
 
+
+class UnrecordedError(TrackingError):
+    """The work finished and its output is written, but MLflow could not record it."""
+
     exit_status = 3  # its own: a training whose model is written but not recorded is not a failed training
 
 

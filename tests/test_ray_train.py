@@ -489,8 +489,8 @@ ERROR_CASES = {
     "more_workers_than_cpus": ("train.workers=5 needs 5 CPUs but the Ray cluster has 4",
                                {"workers": "5", "set": "train.batch_size=40"}),
     "mlflow_down": ("is not reachable", {"track": True}),
-    "diverges": ("training diverged in epoch 1 by optimizer step 8 (lr 100): ",
-                 {"set": "train.lr=100", "trains": True}),
+    "diverges": ("training diverged in epoch 1 by optimizer step 8 (lr 10): ",  # the largest lr a profile takes
+                 {"set": "train.lr=10", "trains": True}),
     "ray_down": ("cannot connect to RAY_ADDRESS=", {"ray": "closed"}),
 }
 
