@@ -175,7 +175,12 @@ def connect() -> None:
         env["RAY_ADDRESS"] = address
     else:
         where = "a local Ray instance"
-        options["_temp_dir"] = str(_local_ray_dir())
+        # On a known loopback address, named to its actors as RAY_ADDRESS as above: Ray Train's placement-group
+        # cleaner otherwise dies (a traceback in the output) wherever another Ray runs on the machine.
+        port = free_port()
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        options.update(_temp_dir=str(_local_ray_dir()), _node_ip_address="127.0.0.1")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray's node start-up only
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
@@ -190,6 +195,7 @@ def connect() -> None:
         # and exits): the caller's handler (`vgg`'s raises an interrupt) is the one that runs the clean-up.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def _local_ray_dir() -> Path:

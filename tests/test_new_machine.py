@@ -128,8 +128,8 @@ def test_an_interrupted_vgg_train_stops_cleanly_keeps_its_checkpoint_and_resumes
     assert not (tmp_path / "a.pt").exists()  # an interrupted run is never written as the final model
     kept = _checkpoints(tmp_path / "ray_results")
     assert kept
-    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("vgg-tiny").experiment_id])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vgg-tiny").experiment_id], "tags.stage = 'train'")
     assert [run.info.status for run in runs] == ["KILLED"]
     if sig == signal.SIGTERM:
         return  # one resume is enough: it is the same state either way
