@@ -179,7 +179,7 @@ def test_each_model_run_carries_its_evaluation_errors_and_the_runs_nest_under_on
 def test_dvc_plots_show_draws_every_training_curve(project, ray_cluster):
     result = _run([str(BIN / "dvc"), "plots", "show", "--json"], project, _env(ray_cluster))
     assert result.returncode == 0, result.stderr
-    curves = {name for name in json.loads(result.stdout) if name.endswith(".epochs.csv")}
+    curves = {name for name in json.loads(result.stdout)["data"] if name.endswith(".epochs.csv")}
     assert len(curves) == 12, curves
 
 
