@@ -204,8 +204,10 @@ def test_two_dvc_experiments_compare_in_dvc_exp_show(project, ray_cluster):
                 batches.add(params["profiles"]["tiny"]["eval"]["batch_size"])
     assert batches >= {16, 32}
     client, experiment_id = _store(project)
-    protocols = [r for r in client.search_runs([experiment_id]) if r.data.tags.get("stage") == "protocol"]
-    assert len(protocols) == 3, [r.info.run_name for r in protocols]  # the first repro's, one per experiment
+    # The runs a DVC experiment logs (its report; its evaluations land on the models' own runs) nest under a
+    # protocol run named for the experiment (a stage whose inputs did not change does not run, nor log).
+    names = {r.info.run_name for r in client.search_runs([experiment_id]) if r.data.tags.get("stage") == "protocol"}
+    assert "protocol-tiny" in names and any(name.startswith("protocol-tiny-") for name in names), names
 
 
 def test_the_mlflow_ui_serves_the_runs_table_a_comparison_and_the_champion(project):
