@@ -124,7 +124,8 @@ def train(
     from pipelines import ray_train  # imports Ray and torch: only this command pays for them
 
     metrics = ray_train.train(profile=resolved, config=config, scale=scale, shards=shards, out=out, init=init,
-                             storage=storage, max_failures=max_failures, stage=stage, track=track)
+                             storage=storage, max_failures=max_failures, stage=stage, track=track,
+                             params_file=params)
     typer.echo(f"wrote {out}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
 

@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.cluster import ClusterError, connect, placeable, user_error
 from pipelines.provenance import code_digest, file_sha256, protocol_key
-from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, UnrecordedError, check_reachable, end_status,
-                                flatten, git_commit, protocol_name, source_tags, tracking_uri)
+from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
+                                git_commit, protocol_name, source_tags, tracking_uri, unrecorded)
 from vgg.config import Profile, from_mapping
 from vgg.data.loader import batches_per_epoch, train_batches, val_batches
 from vgg.data.preprocessing import Preprocess
@@ -279,8 +279,10 @@ def train(
     max_failures: int,
     stage: str,
     track: bool,
+    params_file: Path = Path("params.yaml"),
 ) -> dict[str, float]:
-    """`vgg train`: one run of the protocol, tracked as one MLflow run whose final model is registered."""
+    """`vgg train`: one run of the protocol, tracked as one MLflow run whose final model is registered. `params_file`:
+    the params file the profile came from (with the code, it names the protocol execution the run belongs to)."""
     # Absolute paths: Ray workers do not run in this directory (on a cluster they must be on shared storage).
     job = TrainJob(profile=profile, config=config, scale=scale, init=init.absolute() if init else None,
                    shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(), max_failures=max_failures)
@@ -296,7 +298,7 @@ def train(
               "job.init": str(init) if init else ""}
     uri = tracking_uri(root)
     check_reachable(uri)  # a tracking server that is down fails now, not after the training
-    protocol = (protocol_key(root / "params.yaml"), protocol_name(profile.name))
+    protocol = (protocol_key(params_file), protocol_name(profile.name))
 
     def open_run() -> TrackedRun:
         tracked = TrackedRun(uri=uri, experiment=f"vgg-{profile.name}", run_name=f"{stage}-{config}-{scale_label}",
@@ -318,8 +320,7 @@ def train(
         try:
             tracked = relay.stop()  # the model is at job.out already, whatever MLflow says
         except TrackingError as error:
-            raise UnrecordedError(f"training finished and {job.out} is written, but MLflow failed to record it "
-                                f"({error}); the model is kept") from None
+            raise unrecorded(job.out, str(error)) from None
     try:
         tracked.log_dict(profile.to_dict(), "profile.json")
         tracked.log_curves()
@@ -331,9 +332,7 @@ def train(
         except Exception:  # the store that failed above may fail again: the first error is the one to report
             pass
         if isinstance(error, Exception) and not isinstance(error, VGGError):
-            raise UnrecordedError(f"training finished and {job.out} is written, but MLflow failed to record it "
-                                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); the model is kept"
-                                ) from None
+            raise unrecorded(job.out, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
         raise
     tracked.finish()
     return metrics

@@ -108,8 +108,8 @@ def git_commit(root: Path) -> str:
     return f"{commit}+dirty" if dirty else commit
 
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI view (traces, token usage); this one opens it on
-# the runs table of a model-training experiment.
+# Marks the experiment as model training rather than GenAI. (MLflow 3.17's UI still picks its view from the address,
+# `?workflowType=machine_learning`, which is why `vgg demo` prints one; this tag is the experiment's own record.)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
@@ -249,12 +249,8 @@ class TrackedRun:
 
     def log_metrics(self, metrics: Mapping[str, Any], *, step: int) -> None:
         """Log the numeric entries of `metrics` at `step` (names through `metric_name`)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        numeric = {metric_name(k): float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.client.log_batch(self.run_id, metrics=_metrics(numeric, step=step))
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -319,6 +315,7 @@ class TrackedRun:
 
 
 EVAL_MODES = {"dense": "dense", "multicrop": "multicrop", "dense+multicrop": "both"}  # metric name part
+CHAMPION = "champion"  # the registered-model alias of the best single model of Table 4
 
 
 def eval_metrics(result: Any) -> dict[str, float]:
@@ -329,6 +326,11 @@ def eval_metrics(result: Any) -> dict[str, float]:
     return {f"{prefix}/top1_err": result.top1_err, f"{prefix}/top5_err": result.top5_err,
             f"{prefix}/top1_ci_low": result.top1_ci[0], f"{prefix}/top1_ci_high": result.top1_ci[1],
             f"{prefix}/top5_ci_low": result.top5_ci[0], f"{prefix}/top5_ci_high": result.top5_ci[1]}
+
+
+def unrecorded(out: Path, problem: str) -> UnrecordedError:
+    return UnrecordedError(f"training finished and {out} is written, but MLflow failed to record it ({problem}); the "
+                           "model is kept")
 
 
 def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[str, str]) -> list[str]:
@@ -351,7 +353,7 @@ def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[
             continue
         by_run.setdefault(found[0].info.run_id, {}).update(eval_metrics(result))
     for run_id, metrics in by_run.items():
-        report.client.log_batch(run_id, metrics=_metrics(metrics))
+        client.log_batch(run_id, metrics=_metrics(metrics, step=0))
     for name, metrics in fusions.items():
         fusion = TrackedRun(uri=report.uri, experiment=report.experiment, run_name=name,
                             tags={**tags, "stage": "fusion", "config": name.split("-")[1]}, params={},
@@ -360,16 +362,20 @@ def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[
         fusion.finish()
     best = min(by_run, key=lambda run_id: by_run[run_id].get("eval/dense_multi/top1_err", float("inf")), default=None)
     if best is not None and "eval/dense_multi/top1_err" in by_run[best]:
-        for registered in client.search_model_versions(f"run_id = '{best}'"):
-            client.set_registered_model_alias(registered.name, "champion", registered.version)
+        champions = client.search_model_versions(f"run_id = '{best}'")
+        for model in client.search_registered_models("name LIKE 'vgg-%'"):  # one champion across vgg-A..E
+            if CHAMPION in model.aliases and model.name not in {version.name for version in champions}:
+                client.delete_registered_model_alias(model.name, CHAMPION)
+        for version in champions:
+            client.set_registered_model_alias(version.name, CHAMPION, version.version)
     return notes
 
 
-def _metrics(values: Mapping[str, float]) -> list[Any]:
+def _metrics(values: Mapping[str, float], *, step: int) -> list[Any]:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(metric_name(key), float(value), now, 0) for key, value in values.items()]
+    return [Metric(metric_name(key), float(value), now, step) for key, value in values.items()]
 
 
 def end_status(error: BaseException) -> str:
