@@ -22,6 +22,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from pipelines.tracking import runs_page  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS = {"runs": "1600,1000", "compare": "1600,2000", "model": "1600,900"}  # px: the compare page is long
 RENDER_BUDGET_MS = 20_000  # Chromium's virtual time for the single-page app to fetch and draw
@@ -61,7 +64,8 @@ def pages(url: str) -> dict[str, str]:
                      if any(alias.get("alias") == "champion" for alias in model.get("aliases", []))), "vgg-A")
     compare = urllib.parse.quote(json.dumps(ids)), urllib.parse.quote(json.dumps([experiment["experiment_id"]]))
     return {
-        "runs": f"{url}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning",
+        "runs": runs_page(url, experiment["experiment_id"],
+                          tags={tag["key"]: tag["value"] for tag in experiment.get("tags", [])}),
         "compare": f"{url}/#/compare-runs?runs={compare[0]}&experiments={compare[1]}",
         "model": f"{url}/#/models/{champion}",
     }

@@ -353,13 +353,11 @@ def demo() -> None:
 
 
 def _runs_page(profile: str, server: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI page of the profile's runs table. MLflow 3's UI opens on its GenAI view (traces, token usage)
-    unless the address asks for the model-training one."""
-    from pipelines.tracking import TrackedRun, tracking_uri
+    """The MLflow UI page of the profile's runs table, on its Tables 3-5 view (`pipelines.tracking.runs_page`)."""
+    from pipelines.tracking import TrackedRun, runs_page, tracking_uri
 
-    experiment = TrackedRun.experiment_id_of(tracking_uri(Path.cwd()), f"vgg-{profile}")
-    page = f"#/experiments/{experiment}" if experiment else "#/experiments"
-    return f"{server}/{page}?workflowType=machine_learning"
+    experiment = TrackedRun.find_experiment(tracking_uri(Path.cwd()), f"vgg-{profile}")
+    return runs_page(server, experiment and experiment.experiment_id, tags=experiment and experiment.tags)
 
 
 def _interrupt_group(process, grace_s: float = 120.0) -> None:

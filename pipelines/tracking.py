@@ -210,18 +210,17 @@ class TrackedRun:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     @staticmethod
-    def experiment_id_of(uri: str, experiment: str) -> str | None:
-        """The id of `experiment` in the store at `uri`, if the store and the experiment exist."""
+    def find_experiment(uri: str, experiment: str) -> Any | None:
+        """`experiment` (an `mlflow.entities.Experiment`) in the store at `uri`, if the store and it exist."""
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
             return None
         from mlflow.tracking import MlflowClient
 
         try:
             with _one_opener(uri):
-                found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+                return MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
         except Exception:  # an unreachable store: the UI link then points at the list of experiments
             return None
-        return found.experiment_id if found else None
 
     def _protocol_run(self, key: str, name: str, *, tags: Mapping[str, str]) -> str:
         """The parent run of protocol execution `key`, made (and marked finished: it only groups) by its first stage;
@@ -360,6 +359,9 @@ def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[
                             parent_run_id=report.parent_run_id)
         fusion.log_metrics(metrics, step=0)
         fusion.finish()
+    columns = sorted({key for metrics in by_run.values() for key in metrics if key.endswith("_err")})
+    if columns and report.parent_run_id:
+        save_tables_view(client, report.experiment_id, parent_run_id=report.parent_run_id, metrics=columns)
     best = min(by_run, key=lambda run_id: by_run[run_id].get("eval/dense_multi/top1_err", float("inf")), default=None)
     if best is not None and "eval/dense_multi/top1_err" in by_run[best]:
         champions = client.search_model_versions(f"run_id = '{best}'")
@@ -369,6 +371,69 @@ def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[
         for version in champions:
             client.set_registered_model_alias(version.name, CHAMPION, version.version)
     return notes
+
+
+# MLflow 3.17's runs page opens a saved view named in its address (`#/experiments/<id>/runs?viewStateShareKey=<key>`)
+# from the experiment tag `mlflow.sharedViewState.<key>`: a JSON envelope {name, createdAt, updatedAt, state}, whose
+# `state` is the page's search facets and UI state as a JSON string (the shape the UI's "Save as new view" writes).
+# Without one, the runs table opens collapsed, on the Source/Models/Dataset columns, and no evaluation is in sight.
+TABLES_VIEW = "tables-3-5"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
+def _table_order(metric: str) -> tuple[int, int, str]:
+    """Tables 3, 4, 5 left to right: dense at one Q, dense at several, multi-crop, both; top-1 before top-5."""
+    modes = ["dense_single", "dense_multi", "multicrop_single", "multicrop_multi", "both_single", "both_multi"]
+    mode = metric.split("/")[1] if metric.count("/") >= 2 else ""
+    return (modes.index(mode) if mode in modes else len(modes), 0 if metric.endswith("top1_err") else 1, metric)
+
+
+def tables_view_state(*, parent_run_id: str, metrics: list[str]) -> dict[str, Any]:
+    """The runs page's state: the runs of one protocol execution (`parent_run_id`'s children), grouped by
+    configuration, with `metrics` as columns in the order of Tables 3-5.
+    Grouping shows the nested runs flat: a shared view cannot expand a parent run (the UI keeps `runsExpanded` per
+    user). Every key of the UI's own default state is given: the UI replaces its state with this one."""
+    ordered = sorted(metrics, key=_table_order)
+    columns = [f"metrics.`{metric}`" for metric in ordered]  # alone: beside Models and Dataset they start off-screen
+    return {
+        # search facets
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'", "orderByKey": "attributes.start_time",
+        "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        # UI state; 170 px shows a whole `eval/dense_single/top1_err` header
+        "selectedColumns": columns, "columnOrder": columns, "columnWidths": dict.fromkeys(columns, 170),
+        "runsExpanded": {}, "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {}, "runsHiddenMode": "SHOW_ALL",
+        "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "config"}]},
+        "groupsExpanded": {}, "autoRefreshEnabled": True,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
+
+
+def save_tables_view(client: Any, experiment_id: str, *, parent_run_id: str, metrics: list[str]) -> None:
+    """Save (or replace) the experiment's `tables-3-5` view: the latest protocol run's models with their errors in
+    every evaluation mode, so the runs table is Tables 3-5."""
+    now = int(time.time() * 1000)
+    tag = VIEW_TAG_PREFIX + TABLES_VIEW
+    earlier = client.get_experiment(experiment_id).tags.get(tag)
+    try:
+        created = json.loads(earlier)["createdAt"] if earlier else now
+    except (ValueError, KeyError, TypeError):
+        created = now
+    state = json.dumps(tables_view_state(parent_run_id=parent_run_id, metrics=metrics))
+    client.set_experiment_tag(experiment_id, tag, json.dumps(
+        {"name": "Tables 3-5", "createdAt": created, "updatedAt": now, "state": state}))
+
+
+def runs_page(server: str, experiment_id: str | None, *, tags: Mapping[str, str] | None = None) -> str:
+    """The MLflow UI address of an experiment's runs table: the model-training view (MLflow 3's UI opens on its
+    GenAI view, traces and token usage, unless the address asks for this one), on the Tables 3-5 view where the
+    experiment has one."""
+    if experiment_id is None:
+        return f"{server}/#/experiments?workflowType=machine_learning"
+    view = f"&viewStateShareKey={TABLES_VIEW}" if (tags or {}).get(VIEW_TAG_PREFIX + TABLES_VIEW) else ""
+    return f"{server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{view}"
 
 
 def _metrics(values: Mapping[str, float], *, step: int) -> list[Any]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, flatten, metric_name,
-                                tracking_uri)
+from pipelines.tracking import (TABLES_VIEW, VIEW_TAG_PREFIX, MetricsRelay, TrackedRun, TrackingError,
+                                check_reachable, flatten, metric_name, runs_page, save_tables_view, tracking_uri)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
@@ -99,6 +99,48 @@ def test_parent_and_child_runs(mlflow_server):
     child = TrackedRun(uri=mlflow_server, experiment="vgg-test", run_name="trial-1", tags={}, params={},
                        parent_run_id=parent.run_id)
     assert MlflowClient(mlflow_server).get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_the_tables_view_shows_the_protocols_runs_with_their_errors_as_columns(mlflow_server):
+    """What the UI does with the saved view, checked through the REST API it calls: its filter finds the protocol's
+    model runs (and no other protocol's), each carries every column the view selects, in Tables 3-5's order; saving
+    again (a later protocol) moves the view and keeps its creation time."""
+    import urllib.request
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.create_experiment("vgg-view")
+    columns = ["eval/dense_single/top1_err", "eval/dense_single/top5_err", "eval/dense_multi/top1_err",
+               "eval/both_multi/top1_err"]
+    parents = []
+    for protocol in range(2):
+        parent = client.create_run(experiment, run_name=f"protocol {protocol}").info.run_id
+        for config in "AB":
+            run = client.create_run(experiment, run_name=f"{config}-low",
+                                    tags={"mlflow.parentRunId": parent, "config": config}).info.run_id
+            for column in columns:
+                client.log_metric(run, column, 10.0 * protocol + 1)
+        parents.append(parent)
+        save_tables_view(client, experiment, parent_run_id=parent, metrics=columns[::-1])
+    tag = VIEW_TAG_PREFIX + TABLES_VIEW
+    envelope = json.loads(client.get_experiment(experiment).tags[tag])
+    state = json.loads(envelope["state"])
+    assert envelope["name"] == "Tables 3-5" and envelope["updatedAt"] >= envelope["createdAt"]
+    request = urllib.request.Request(
+        f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"experiment_ids": [experiment], "filter": state["searchFilter"]}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        runs = json.load(response)["runs"]
+    assert len(runs) == 2 and {tag_["value"] for run in runs for tag_ in run["data"]["tags"]
+                               if tag_["key"] == "mlflow.parentRunId"} == {parents[1]}
+    metric_columns = [c.removeprefix("metrics.`").removesuffix("`") for c in state["selectedColumns"]
+                      if c.startswith("metrics.")]
+    assert metric_columns == columns  # Table 3 (one Q), Table 4 (several Q), Table 5; top-1 before top-5
+    for run in runs:
+        assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == dict.fromkeys(columns, 11.0)
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "config"}]  # nested runs, flat
+    page = runs_page("http://ui", experiment, tags=client.get_experiment(experiment).tags)
+    assert page.endswith(f"/runs?workflowType=machine_learning&viewStateShareKey={TABLES_VIEW}")
+    assert runs_page("http://ui", experiment, tags={}).endswith("/runs?workflowType=machine_learning")
 
 
 def test_a_server_that_is_down_is_one_clear_line():
