@@ -229,15 +229,14 @@ def report(
     typer.echo(f"wrote {paths.markdown}, {paths.metrics} and {len(paths.plots)} plots in {out}")
     if track:
         from pipelines.provenance import protocol_key
-        from pipelines.tracking import (TrackedRun, end_status, flatten, git_commit, protocol_name,
-                                        record_evaluations, source_tags, tracking_uri)
+        from pipelines.tracking import (TrackedRun, flatten, git_commit, protocol_name, record_evaluations,
+                                        source_tags, tracking_uri)
 
         root = Path.cwd()
         tags = {"profile": resolved.name, "git_commit": git_commit(root), **source_tags(root, command="report")}
-        run = TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{resolved.name}", run_name="report",
-                         tags={**tags, "stage": "report"}, params=flatten(resolved.to_dict()),
-                         protocol=(protocol_key(params), protocol_name(resolved.name)))
-        try:
+        with TrackedRun(uri=tracking_uri(root), experiment=f"vgg-{resolved.name}", run_name="report",
+                        tags={**tags, "stage": "report"}, params=flatten(resolved.to_dict()),
+                        protocol=(protocol_key(params), protocol_name(resolved.name))) as run:
             numbers = {key.replace(".", "/"): float(value)
                        for key, value in flatten(json.loads(paths.metrics.read_text())).items() if _is_number(value)}
             run.log_metrics(numbers, step=0)
@@ -245,10 +244,6 @@ def report(
                 run.log_artifact(path)
             for note in record_evaluations(run, list(paths.placed), tags=tags):
                 typer.echo(f"warning: {note}", err=True)
-        except BaseException as error:
-            run.finish(end_status(error))
-            raise
-        run.finish()
         typer.echo(f"logged to MLflow: experiment vgg-{resolved.name}, run {run.run_id}; each model's errors on its "
                    "training run")
 
@@ -424,7 +419,14 @@ def exit_now(code: int) -> None:
     per command on 2 cores (the protocol runs ~30). What a normal exit does before that teardown still happens,
     in order, through the same two calls the interpreter makes: `threading._shutdown` (thread-pool workers told
     to stop, other non-daemon threads joined), `atexit._run_exitfuncs` (Ray's shutdown, multiprocessing's worker
-    clean-up, logging's flush); then the standard streams are flushed."""
+    clean-up, logging's flush); then the standard streams are flushed.
+
+    `threading._shutdown` is private, and this is its one use: no public API runs the exit hooks that
+    `concurrent.futures` registers with `threading._register_atexit`, and joining the threads without them would
+    wait forever on idle pool workers. If a Python release removes it, `sys.exit(code)` is the fallback: the same
+    outcome, the teardown's seconds slower."""
+    if not hasattr(threading, "_shutdown"):
+        sys.exit(code)
     threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -312,6 +312,21 @@ class TrackedRun:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    # The one lifecycle of a run: `with TrackedRun(...) as run:` ends it FINISHED, or KILLED/FAILED by what ended
+    # the block (`end_status`). If ending it fails too (the store that failed in the block, say), the block's own
+    # error is the one reported.
+    def __enter__(self) -> TrackedRun:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
+        if error is None:
+            self.finish()
+            return
+        try:
+            self.finish(end_status(error))
+        except Exception:
+            pass
+
 
 EVAL_MODES = {"dense": "dense", "multicrop": "multicrop", "dense+multicrop": "both"}  # metric name part
 CHAMPION = "champion"  # the registered-model alias of the best single model of Table 4
@@ -351,17 +366,18 @@ def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[
             notes.append(f"{result.path}: no MLflow run recorded its model (trained with --no-track?)")
             continue
         by_run.setdefault(found[0].info.run_id, {}).update(eval_metrics(result))
+    member = {reported_tag(report.parent_run_id): "true"} if report.parent_run_id else {}
     for run_id, metrics in by_run.items():
-        client.log_batch(run_id, metrics=_metrics(metrics, step=0))
+        client.log_batch(run_id, metrics=_metrics(metrics, step=0), tags=_tags(member))
     for name, metrics in fusions.items():
         fusion = TrackedRun(uri=report.uri, experiment=report.experiment, run_name=name,
-                            tags={**tags, "stage": "fusion", "config": name.split("-")[1]}, params={},
+                            tags={**tags, **member, "stage": "fusion", "config": name.split("-")[1]}, params={},
                             parent_run_id=report.parent_run_id)
         fusion.log_metrics(metrics, step=0)
         fusion.finish()
     columns = sorted({key for metrics in by_run.values() for key in metrics if key.endswith("_err")})
     if columns and report.parent_run_id:
-        save_tables_view(client, report.experiment_id, parent_run_id=report.parent_run_id, metrics=columns)
+        save_tables_view(client, report.experiment_id, protocol_run_id=report.parent_run_id, metrics=columns)
     best = min(by_run, key=lambda run_id: by_run[run_id].get("eval/dense_multi/top1_err", float("inf")), default=None)
     if best is not None and "eval/dense_multi/top1_err" in by_run[best]:
         champions = client.search_model_versions(f"run_id = '{best}'")
@@ -388,8 +404,8 @@ def _table_order(metric: str) -> tuple[int, int, str]:
     return (modes.index(mode) if mode in modes else len(modes), 0 if metric.endswith("top1_err") else 1, metric)
 
 
-def tables_view_state(*, parent_run_id: str, metrics: list[str]) -> dict[str, Any]:
-    """The runs page's state: the runs of one protocol execution (`parent_run_id`'s children), grouped by
+def tables_view_state(*, protocol_run_id: str, metrics: list[str]) -> dict[str, Any]:
+    """The runs page's state: the runs of one protocol execution's report (`reported_tag`), grouped by
     configuration, with `metrics` as columns in the order of Tables 3-5.
     Grouping shows the nested runs flat: a shared view cannot expand a parent run (the UI keeps `runsExpanded` per
     user). Every key of the UI's own default state is given: the UI replaces its state with this one."""
@@ -397,7 +413,7 @@ def tables_view_state(*, parent_run_id: str, metrics: list[str]) -> dict[str, An
     columns = [f"metrics.`{metric}`" for metric in ordered]  # alone: beside Models and Dataset they start off-screen
     return {
         # search facets
-        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'", "orderByKey": "attributes.start_time",
+        "searchFilter": f"tags.`{reported_tag(protocol_run_id)}` = 'true'", "orderByKey": "attributes.start_time",
         "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
         # UI state; 170 px shows a whole `eval/dense_single/top1_err` header
@@ -411,7 +427,7 @@ def tables_view_state(*, parent_run_id: str, metrics: list[str]) -> dict[str, An
     }
 
 
-def save_tables_view(client: Any, experiment_id: str, *, parent_run_id: str, metrics: list[str]) -> None:
+def save_tables_view(client: Any, experiment_id: str, *, protocol_run_id: str, metrics: list[str]) -> None:
     """Save (or replace) the experiment's `tables-3-5` view: the latest protocol run's models with their errors in
     every evaluation mode, so the runs table is Tables 3-5."""
     now = int(time.time() * 1000)
@@ -421,7 +437,7 @@ def save_tables_view(client: Any, experiment_id: str, *, parent_run_id: str, met
         created = json.loads(earlier)["createdAt"] if earlier else now
     except (ValueError, KeyError, TypeError):
         created = now
-    state = json.dumps(tables_view_state(parent_run_id=parent_run_id, metrics=metrics))
+    state = json.dumps(tables_view_state(protocol_run_id=protocol_run_id, metrics=metrics))
     client.set_experiment_tag(experiment_id, tag, json.dumps(
         {"name": "Tables 3-5", "createdAt": created, "updatedAt": now, "state": state}))
 
@@ -434,6 +450,19 @@ def runs_page(server: str, experiment_id: str | None, *, tags: Mapping[str, str]
         return f"{server}/#/experiments?workflowType=machine_learning"
     view = f"&viewStateShareKey={TABLES_VIEW}" if (tags or {}).get(VIEW_TAG_PREFIX + TABLES_VIEW) else ""
     return f"{server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{view}"
+
+
+def reported_tag(protocol_run_id: str) -> str:
+    """The tag that marks a run as evaluated (or fused) in the report of protocol run `protocol_run_id`. A run's
+    parent is the protocol run that trained it; a later protocol (a `dvc exp run` that changed one stage) reports
+    models of earlier ones too, so its report's runs are found by this tag, not by their parent."""
+    return f"vgg.reported.{protocol_run_id}"
+
+
+def _tags(values: Mapping[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(key, value) for key, value in values.items()]
 
 
 def _metrics(values: Mapping[str, float], *, step: int) -> list[Any]:

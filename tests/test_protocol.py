@@ -226,7 +226,17 @@ def test_the_mlflow_ui_serves_the_runs_table_a_comparison_and_the_champion(proje
             "filter": "metrics.`eval/dense_single/top1_err` >= 0", "max_results": 100})["runs"]
         champion = screenshots._get(url, "registered-models/alias", {"name": pages["model"].rsplit("/", 1)[1],
                                                                     "alias": "champion"})["model_version"]
-    assert pages["runs"].endswith(f"#/experiments/{experiment['experiment_id']}?workflowType=machine_learning")
+        # the runs page opens on the saved view "Tables 3-5": the runs the last report evaluated, errors as columns
+        view = json.loads(json.loads(tags["mlflow.sharedViewState.tables-3-5"])["state"])
+        shown = screenshots._post(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                       "filter": view["searchFilter"], "max_results": 100})["runs"]
+    assert pages["runs"].endswith(f"#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
+                                  "&viewStateShareKey=tables-3-5")
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-    assert len([run for run in evaluated if run["info"]["run_name"].startswith("train-")]) == 12
+    trained = {run["info"]["run_id"] for run in evaluated if run["info"]["run_name"].startswith("train-")}
+    assert len(trained) == 12
+    assert {run["info"]["run_id"] for run in shown if run["info"]["run_name"].startswith("train-")} == trained
+    assert any(run["info"]["run_name"].startswith("fusion-") for run in shown)
+    assert {f"metrics.`eval/{mode}/top1_err`" for mode in ("dense_single", "dense_multi", "multicrop_multi",
+                                                           "both_multi")} <= set(view["selectedColumns"])
     assert "compare-runs?runs=" in pages["compare"] and champion["run_id"]

@@ -10,7 +10,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.tracking import (TABLES_VIEW, VIEW_TAG_PREFIX, MetricsRelay, TrackedRun, TrackingError,
-                                check_reachable, flatten, metric_name, runs_page, save_tables_view, tracking_uri)
+                                check_reachable, flatten, metric_name, reported_tag, runs_page, save_tables_view,
+                                tracking_uri)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow  # starts Ray, an MLflow server or `vgg` runs: `pytest -m 'not slow'` skips it
@@ -102,16 +103,16 @@ def test_parent_and_child_runs(mlflow_server):
 
 
 def test_the_tables_view_shows_the_protocols_runs_with_their_errors_as_columns(mlflow_server):
-    """What the UI does with the saved view, checked through the REST API it calls: its filter finds the protocol's
-    model runs (and no other protocol's), each carries every column the view selects, in Tables 3-5's order; saving
-    again (a later protocol) moves the view and keeps its creation time."""
+    """What the UI does with the saved view, checked through the REST API it calls: its filter finds the runs the
+    latest protocol's report evaluated (one of them trained by an earlier protocol), each carries every column the
+    view selects, in Tables 3-5's order; saving again (a later protocol) moves the view, keeps its creation time."""
     import urllib.request
 
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.create_experiment("vgg-view")
     columns = ["eval/dense_single/top1_err", "eval/dense_single/top5_err", "eval/dense_multi/top1_err",
                "eval/both_multi/top1_err"]
-    parents = []
+    parents, runs_of = [], {}
     for protocol in range(2):
         parent = client.create_run(experiment, run_name=f"protocol {protocol}").info.run_id
         for config in "AB":
@@ -119,8 +120,13 @@ def test_the_tables_view_shows_the_protocols_runs_with_their_errors_as_columns(m
                                     tags={"mlflow.parentRunId": parent, "config": config}).info.run_id
             for column in columns:
                 client.log_metric(run, column, 10.0 * protocol + 1)
+            runs_of[protocol, config] = run
         parents.append(parent)
-        save_tables_view(client, experiment, parent_run_id=parent, metrics=columns[::-1])
+    # the second protocol retrained B only and reports A of the first
+    for run in (runs_of[0, "A"], runs_of[1, "B"]):
+        client.set_tag(run, reported_tag(parents[1]), "true")
+    for parent in parents:
+        save_tables_view(client, experiment, protocol_run_id=parent, metrics=columns[::-1])
     tag = VIEW_TAG_PREFIX + TABLES_VIEW
     envelope = json.loads(client.get_experiment(experiment).tags[tag])
     state = json.loads(envelope["state"])
@@ -130,17 +136,32 @@ def test_the_tables_view_shows_the_protocols_runs_with_their_errors_as_columns(m
         data=json.dumps({"experiment_ids": [experiment], "filter": state["searchFilter"]}).encode())
     with urllib.request.urlopen(request, timeout=30) as response:
         runs = json.load(response)["runs"]
-    assert len(runs) == 2 and {tag_["value"] for run in runs for tag_ in run["data"]["tags"]
-                               if tag_["key"] == "mlflow.parentRunId"} == {parents[1]}
+    assert sorted(run["info"]["run_id"] for run in runs) == sorted([runs_of[0, "A"], runs_of[1, "B"]])
     metric_columns = [c.removeprefix("metrics.`").removesuffix("`") for c in state["selectedColumns"]
                       if c.startswith("metrics.")]
     assert metric_columns == columns  # Table 3 (one Q), Table 4 (several Q), Table 5; top-1 before top-5
     for run in runs:
-        assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == dict.fromkeys(columns, 11.0)
+        assert {m["key"] for m in run["data"]["metrics"]} == set(columns)
     assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "config"}]  # nested runs, flat
     page = runs_page("http://ui", experiment, tags=client.get_experiment(experiment).tags)
     assert page.endswith(f"/runs?workflowType=machine_learning&viewStateShareKey={TABLES_VIEW}")
     assert runs_page("http://ui", experiment, tags={}).endswith("/runs?workflowType=machine_learning")
+
+
+def test_a_tracked_run_ends_by_what_ended_its_block(mlflow_server):
+    from vgg.errors import Interrupted
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    ended = {}
+    for name, error in (("finished", None), ("failed", ValueError("bad")), ("killed", Interrupted(15))):
+        try:
+            with TrackedRun(uri=mlflow_server, experiment="vgg-lifecycle", run_name=name, tags={}, params={}) as run:
+                if error is not None:
+                    raise error
+        except (ValueError, Interrupted) as raised:
+            assert raised is error  # the block's own error, not one of ending the run
+        ended[name] = client.get_run(run.run_id).info.status
+    assert ended == {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 
 def test_a_server_that_is_down_is_one_clear_line():
