@@ -276,7 +276,8 @@ def tune(
     s_min: Annotated[str, typer.Option(help="Smin candidates, px: 40,48 or 40:56:8 (default: the profile's)")] = "",
     s_max: Annotated[str, typer.Option(help="Smax candidates, px: 56,64,72 or 56:72:8 (default: the profile's)")] = "",
     trials: Annotated[int, typer.Option(help="trials (each a Ray Train run)")] = 4,
-    searcher: Annotated[str, typer.Option(help="random (a seeded plan) or tpe (Optuna, learns from the results)")] = "random",
+    searcher: Annotated[str, typer.Option(help="random (a seeded plan), tpe (Optuna, learns from the results) or "
+                                          "grid (lr only, no early stop)")] = "random",
     trial_slots: Annotated[int, typer.Option(help="trials at once (0: as many as the Ray cluster holds)")] = 0,
     max_epochs: Annotated[int, typer.Option(help="epochs per trial; ASHA stops the weak ones earlier")] = 4,
     time_budget: Annotated[float, typer.Option(help="seconds for the whole search")] = 900.0,

@@ -45,7 +45,7 @@ DIVERGED = "diverged"  # the key of a diverged trial's last result: the Divergen
 # What a diverged trial reports as its metric (Tune requires one in every result): worse than any error rate, so ASHA
 # stops and TPE avoids its neighbourhood; the table shows the trial as diverged, never with this number.
 DIVERGED_ERR = 100.0
-SEARCHERS = ("random", "tpe")
+SEARCHERS = ("random", "tpe", "grid")
 # In each trial's directory: its own wall-clock start (time.time(), s), and its end when the trial function returns
 # (a trial ASHA stops is ended from outside: its last result's `timestamp` is when it last ran).
 INTERVAL_FILE = "interval.json"
@@ -155,6 +155,8 @@ def tune(
                         s_max_range=(own.s_max,) if s_max_range is None else s_max_range,
                         trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s,
                         label_smoothing=label_smoothing, lr_key=mode.lr_key)
+    if searcher == "grid":
+        grid_plan(space, trials=trials)  # its one line before Ray
     check_job(base)  # configuration name, shards, class count, init, writable out folder and storage: before Ray
     _existing_overlay(out)  # an --out that is not an overlay: before the search, not after it
     name = _experiment_name(base, space=space, trials=trials, max_epochs=max_epochs, searcher=searcher)
@@ -348,15 +350,29 @@ def format_table(rows: Sequence[TrialResult], *, label_smoothing: bool = False) 
     return "\n".join(lines)
 
 
+def grid_plan(space: SearchSpace, *, trials: int) -> list[dict[str, Any]]:
+    """`trials` lr values evenly spaced in log lr over [lr_min, lr_max] (both ends included), at the one S range and
+    ε of the space: the dense baseline a search is measured against (`benchmarks/tune.py`)."""
+    if len(space.scales) > 1 or len(space.label_smoothing) > 1:
+        raise ConfigError("--searcher grid: spans the lr only; give one Smin, one Smax and at most one ε")
+    (s_min, s_max), smoothing = space.scales[0], space.label_smoothing[0]
+    logs = np.linspace(math.log(space.lr_min), math.log(space.lr_max), trials) if trials > 1 else [
+        (math.log(space.lr_min) + math.log(space.lr_max)) / 2]
+    return [{"lr": float(math.exp(value)), "s_min": s_min, "s_max": s_max, "label_smoothing": smoothing}
+            for value in logs]
+
+
 def make_searcher(space: SearchSpace, *, searcher: str, trials: int, seed: int) -> Searcher:
     """The searcher Tune asks for each next trial's configuration (keys `lr`, `s_min`, `s_max`, `label_smoothing`).
-    `random`: the seeded plan (`plan_trials`), all drawn before anything runs. `tpe`: Optuna's TPE, seeded, whose
+    `random`: the seeded plan (`plan_trials`), all drawn before anything runs. `grid`: `grid_plan` (every point
+    runs all its epochs: no early stopping). `tpe`: Optuna's TPE, seeded, whose
     first third of the trials (at least 2) are its own random start-up draws and the rest model the results so far;
     a candidate list of one value is not drawn. With several trial slots TPE sees results in the order trials end,
     so only a one-slot search repeats exactly; running trials count as poor results meanwhile (constant liar), so
     concurrent suggestions spread out."""
-    if searcher == "random":
-        return BasicVariantGenerator(points_to_evaluate=plan_trials(space, trials=trials, seed=seed))
+    if searcher in ("random", "grid"):
+        plan = plan_trials(space, trials=trials, seed=seed) if searcher == "random" else grid_plan(space, trials=trials)
+        return BasicVariantGenerator(points_to_evaluate=plan)
     import optuna  # only `--searcher tpe` needs it
     from ray.tune.search.optuna import OptunaSearch
 
@@ -431,7 +447,8 @@ def _search(
             mode="min",
             # Stops a trial whose val/top1_err is behind its peers' at epoch 1, 4, 16...; at max_epochs `fit` ends
             # it itself.
-            scheduler=ASHAScheduler(time_attr="epoch", grace_period=1, max_t=max_epochs, stop_last_trials=False),
+            scheduler=None if searcher == "grid" else ASHAScheduler(time_attr="epoch", grace_period=1,
+                                                                     max_t=max_epochs, stop_last_trials=False),
             search_alg=make_searcher(space, searcher=searcher, trials=trials, seed=base.profile.train.seed),
             num_samples=trials,
             max_concurrent_trials=slots,
@@ -518,7 +535,8 @@ class TrialLedger(ray.tune.Callback):
         smoothing = float(trial.config.get("label_smoothing", profile.train.label_smoothing))
         tags = {"stage": "tune-trial", "config": self.base.config, "profile": profile.name, "trial_id": trial.trial_id,
                 "lr": f"{lr:.6g}", "s_min": str(s_min), "s_max": str(s_max), "label_smoothing": f"{smoothing:g}"}
-        params = {f"train.{self.lr_key}": repr(lr), f"scales.{key}.s_min": str(s_min), f"scales.{key}.s_max": str(s_max),
+        params = {f"train.{self.lr_key}": repr(lr), f"scales.{key}.s_min": str(s_min),
+                  f"scales.{key}.s_max": str(s_max),
                   "train.label_smoothing": repr(smoothing)}
         self.runs[trial.trial_id] = TrackedRun(
             uri=self.parent.uri, experiment=f"vgg-{profile.name}", run_name=f"trial-{trial.trial_id}", tags=tags,
