@@ -29,7 +29,7 @@ import ray.tune
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.cluster import ClusterError, connect, placeable, user_error
@@ -133,7 +133,7 @@ def tune(
     that key. `s_min_range`/`s_max_range` are the candidate sizes in px (a `range` works; None: the profile's own
     value, not searched); a pair with Smin > Smax, or one the profile rejects, is never drawn. `label_smoothing`:
     candidate ε for `train.label_smoothing`; None keeps the profile's value in every trial (not searched: the plan,
-    table and overlay are as without the option). `searcher`: `random` or `tpe` (`SEARCHERS`). `trial_slots`: how
+    table and overlay are as without the option). `searcher`: one of `SEARCHERS` (`make_searcher`). `trial_slots`: how
     many trials run at once; 0, as many as the cluster holds."""
     if searcher not in SEARCHERS:
         raise ConfigError(f"--searcher: unknown searcher {searcher!r}; choose one of {', '.join(SEARCHERS)}")
@@ -356,14 +356,39 @@ def grid_plan(space: SearchSpace, *, trials: int) -> list[dict[str, Any]]:
     if len(space.scales) > 1 or len(space.label_smoothing) > 1:
         raise ConfigError("--searcher grid: spans the lr only; give one Smin, one Smax and at most one ε")
     (s_min, s_max), smoothing = space.scales[0], space.label_smoothing[0]
-    logs = np.linspace(math.log(space.lr_min), math.log(space.lr_max), trials) if trials > 1 else [
-        (math.log(space.lr_min) + math.log(space.lr_max)) / 2]
-    return [{"lr": float(math.exp(value)), "s_min": s_min, "s_max": s_max, "label_smoothing": smoothing}
-            for value in logs]
+    if trials == 1:
+        lrs = [math.sqrt(space.lr_min * space.lr_max)]
+    else:  # the ends exactly: exp(log(x)) may round above lr_max, outside the space
+        lrs = [space.lr_min, *np.exp(np.linspace(math.log(space.lr_min), math.log(space.lr_max), trials)[1:-1]),
+               space.lr_max]
+    return [{"lr": float(lr), "s_min": s_min, "s_max": s_max, "label_smoothing": smoothing} for lr in lrs]
 
 
-def make_searcher(space: SearchSpace, *, searcher: str, trials: int, seed: int) -> Searcher:
-    """The searcher Tune asks for each next trial's configuration (keys `lr`, `s_min`, `s_max`, `label_smoothing`).
+@dataclasses.dataclass(frozen=True)
+class TpeSpace:
+    """The search space as Optuna's define-by-run function (a class, not a closure: Tune pickles its searcher into
+    the experiment's state). The draws through the trial object are what TPE models; the returned constants complete
+    the trial's configuration."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        space = self.space
+        trial.suggest_float("lr", space.lr_min, space.lr_max, log=True)
+        pairs = [f"{low}-{high}" for low, high in space.scales]
+        low, high = (trial.suggest_categorical("scales", pairs) if len(pairs) > 1 else pairs[0]).split("-")
+        constants: dict[str, Any] = {"s_min": int(low), "s_max": int(high)}
+        if len(space.label_smoothing) > 1:
+            trial.suggest_categorical("label_smoothing", list(space.label_smoothing))
+        else:
+            constants["label_smoothing"] = space.label_smoothing[0]
+        return constants
+
+
+def make_searcher(space: SearchSpace, *, searcher: str, trials: int, seed: int,
+                  slots: int = 0) -> Searcher | BasicVariantGenerator:
+    """The searcher Tune asks for each next trial's configuration (keys `lr`, `s_min`, `s_max`, `label_smoothing`),
+    with at most `slots` trials running at once (0: no limit).
     `random`: the seeded plan (`plan_trials`), all drawn before anything runs. `grid`: `grid_plan` (every point
     runs all its epochs: no early stopping). `tpe`: Optuna's TPE, seeded, whose
     first third of the trials (at least 2) are its own random start-up draws and the rest model the results so far;
@@ -372,31 +397,16 @@ def make_searcher(space: SearchSpace, *, searcher: str, trials: int, seed: int) 
     concurrent suggestions spread out."""
     if searcher in ("random", "grid"):
         plan = plan_trials(space, trials=trials, seed=seed) if searcher == "random" else grid_plan(space, trials=trials)
-        return BasicVariantGenerator(points_to_evaluate=plan)
+        # Tune's max_concurrent_trials does not reach a BasicVariantGenerator: its own limit does.
+        return BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=slots)
     import optuna  # only `--searcher tpe` needs it
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
-    pairs = [f"{low}-{high}" for low, high in space.scales]
-
-    def define(trial: Any) -> dict[str, Any]:
-        # Draws via the trial object are what TPE models; the returned constants complete the configuration.
-        trial.suggest_float("lr", space.lr_min, space.lr_max, log=True)
-        constants: dict[str, Any] = {}
-        if len(pairs) > 1:
-            low, high = trial.suggest_categorical("scales", pairs).split("-")
-        else:
-            low, high = pairs[0].split("-")
-        constants.update(s_min=int(low), s_max=int(high))
-        if len(space.label_smoothing) > 1:
-            trial.suggest_categorical("label_smoothing", list(space.label_smoothing))
-        else:
-            constants["label_smoothing"] = space.label_smoothing[0]
-        return constants
-
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, trials // 3), multivariate=True,
                                          constant_liar=True)
-    return OptunaSearch(space=define, metric=METRIC, mode="min", sampler=sampler)
+    search = OptunaSearch(space=TpeSpace(space), metric=METRIC, mode="min", sampler=sampler)
+    return ConcurrencyLimiter(search, max_concurrent=slots) if slots else search
 
 
 def trial_slots_for(profile: Profile, *, requested: int, trials: int) -> int:
@@ -405,11 +415,9 @@ def trial_slots_for(profile: Profile, *, requested: int, trials: int) -> int:
     train = profile.train
     worker = GPU_WORKER_RESOURCES if train.use_gpu else CPU_WORKER_RESOURCES
     available = ray.cluster_resources()
-    holds = min(
-        int(available.get(resource, 0.0) // (TRIAL_RESOURCES.get(resource, 0.0) + train.workers * amount))
-        for resource, amount in {**TRIAL_RESOURCES, **worker}.items()
-        if TRIAL_RESOURCES.get(resource, 0.0) + train.workers * worker.get(resource, 0.0) > 0
-    )
+    need = {resource: TRIAL_RESOURCES.get(resource, 0.0) + train.workers * worker.get(resource, 0.0)
+            for resource in {*TRIAL_RESOURCES, *worker}}
+    holds = min(int(available.get(resource, 0.0) // amount) for resource, amount in need.items() if amount > 0)
     if requested > holds:
         raise ClusterError(f"--trial-slots: {requested} trials at once need {requested}x the resources of one trial "
                            f"but the Ray cluster holds {holds}; lower it, or pass 0 for as many as it holds")
@@ -449,9 +457,9 @@ def _search(
             # it itself.
             scheduler=None if searcher == "grid" else ASHAScheduler(time_attr="epoch", grace_period=1,
                                                                      max_t=max_epochs, stop_last_trials=False),
-            search_alg=make_searcher(space, searcher=searcher, trials=trials, seed=base.profile.train.seed),
+            search_alg=make_searcher(space, searcher=searcher, trials=trials, seed=base.profile.train.seed,
+                                     slots=slots),
             num_samples=trials,
-            max_concurrent_trials=slots,
             time_budget_s=time_budget_s,
         ),
         # A failed trial is not retried by Tune: its Train run already restarts its worker group (max_failures).

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -307,7 +308,7 @@ def _suggestions(searcher, results: dict[int, float], count: int) -> list[dict]:
     return suggested
 
 
-def test_tpe_suggestions_are_seeded_and_learn_from_earlier_results(profile):
+def test_tpe_suggestions_are_seeded_and_learn_from_earlier_results(profile, tmp_path):
     """Optuna's TPE through Ray Tune: the same seed and results give the same search; the same seed with other
     results for the start-up trials gives other later suggestions."""
     space = check_space(profile, scale_key="jitter", lr_range=(1e-4, 1e-1), s_min_range=(40, 48),
@@ -320,6 +321,9 @@ def test_tpe_suggestions_are_seeded_and_learn_from_earlier_results(profile):
     low_lr_bad = {0: 70.0, 1: 30.0, 2: 65.0}  # ... and the other
     first = search(low_lr_good)
     assert first == search(low_lr_good)  # reproducible
+    searcher = make_searcher(space, searcher="tpe", trials=9, seed=0)
+    _suggestions(searcher, low_lr_good, count=2)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune saves its searcher with the experiment's state
     other = search(low_lr_bad)
     assert first[:3] == other[:3]  # the start-up draws depend on the seed only
     assert first[3:] != other[3:]  # the model's suggestions depend on the results
@@ -366,16 +370,18 @@ def _dvc_env(ray_cluster: dict) -> dict[str, str]:
 @pytest.mark.slow
 def test_tuning_is_a_dvc_step_whose_values_reach_the_training_stage(tiny_params, ray_cluster, tmp_path):
     """The tune pipeline (tune/dvc.yaml) in a temporary repository on the tiny profile: the protocol's `dvc repro`
-    does not run it; `dvc repro tune/dvc.yaml:scratch@A` does, writes the tuned params file and records the search;
-    A's training stage then reads the tuned lr (its params in dvc.lock, its checkpoint's profile). A search of the
-    jittered stage from that A fine-tunes it (train.fine_tune_lr) from its weights."""
+    does not run it; `dvc repro tune/dvc.yaml:scratch@A` does (three TPE trials, one at a time), writes the tuned
+    params file and records the search; ASHA stopped at epoch 1 each trial whose epoch-1 error was behind the best
+    quarter of those before it, and only those; A's training stage then reads the tuned lr (its params in
+    dvc.lock, its checkpoint's profile). A search of the jittered stage from that A fine-tunes it
+    (train.fine_tune_lr) from its weights."""
     from tests.conftest import make_project
 
     env = _dvc_env(ray_cluster)
     root = make_project(tmp_path / "project", tiny_params, env, max_epochs=1)
     dvc = [str(Path(sys.executable).parent / "dvc")]
     settings = yaml.safe_load((root / "tune/params.yaml").read_text())
-    settings.update(trials=2, max_epochs=1, time_budget=1200, searcher="tpe")
+    settings.update(trials=3, trial_slots=1, max_epochs=2, time_budget=1200, searcher="tpe")
     (root / "tune/params.yaml").write_text(yaml.safe_dump(settings))
     tuned_file = root / "tune/A-low.yaml"
     tuned_file.write_text("profiles:\n  paper: {train: {lr: 0.02}}\n")  # another profile's tuned values stay
@@ -391,19 +397,42 @@ def test_tuning_is_a_dvc_step_whose_values_reach_the_training_stage(tiny_params,
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     search = json.loads((root / "tune/A-low.search.json").read_text())
     assert (search["searcher"], search["regime"], search["lr_key"], len(search["rows"])) == (
-        "tpe", "scratch", "train.lr", 2)
+        "tpe", "scratch", "train.lr", 3)
     tuned = yaml.safe_load(tuned_file.read_text())["profiles"]
     assert tuned["paper"] == {"train": {"lr": 0.02}}
     assert tuned["tiny"]["train"] == {"lr": search["best"]["lr"]}
     lock = yaml.safe_load((root / "tune/dvc.lock").read_text())["stages"]["scratch@A"]
-    assert lock["params"]["tune/params.yaml"]["trials"] == 2 and "tune/A-low.search.json" in str(lock["outs"])
+    assert lock["params"]["tune/params.yaml"]["trials"] == 3 and "tune/A-low.search.json" in str(lock["outs"])
     # MLflow (the project's local store): the search's parent run, named in the search record, with its children
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     parent = client.get_run(search["mlflow_run_id"])
     assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 2
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    assert len(children) == 3
+    # ASHA (one rung at epoch 1, reduction factor 4): a trial goes on unless its epoch-1 error is above the 25th
+    # percentile of the epoch-1 errors of the trials before it (in start order: one slot)
+    earlier: list[float] = []
+    stopped = 0
+    for child in children:
+        (first,) = [m.value for m in client.get_metric_history(child.info.run_id, "val/top1_err") if m.step == 1]
+        epochs = len(client.get_metric_history(child.info.run_id, "val/top1_err"))
+        behind = bool(earlier) and first > float(np.percentile(earlier, 25))
+        assert (child.data.tags["outcome"], epochs) == (("stopped", 1) if behind else ("completed", 2)), (
+            first, earlier)
+        stopped += behind
+        earlier.append(first)
+    assert stopped >= 1  # the seeded trials on the tiny data: at least one falls behind
+    # One slot: each trial started after the one before it had ended (its own records: its start, its end or, when
+    # ASHA ended it from outside, its last result's whole-second timestamp)
+    spans = []
+    for record in (root / "ray_results").glob(f"tune-*/*/{INTERVAL_FILE}"):
+        interval = json.loads(record.read_text())
+        results = [json.loads(line) for line in (record.parent / "result.json").read_text().splitlines()]
+        spans.append((interval["start"], interval.get("end", max(result["timestamp"] for result in results))))
+    spans.sort()
+    assert len(spans) == 3 and all(later[0] >= earlier[1] - 1 for earlier, later in zip(spans, spans[1:])), spans
 
     status = subprocess.run(dvc + ["status", "--json"], cwd=root, env=env, capture_output=True, text=True)
     assert "train-scratch@A" in json.loads(status.stdout)  # its tuned params changed
