@@ -703,7 +703,7 @@ def _existing_overlay(out: Path) -> dict[str, Any]:
         data = yaml.safe_load(out.read_text())
     except yaml.YAMLError:
         data = None
-    if data is None or not isinstance(data, dict) or not isinstance(data.get("profiles") or {}, dict):
+    if not isinstance(data, dict) or "profiles" not in data or not isinstance(data["profiles"] or {}, dict):
         raise ConfigError(f"--out {out}: exists but is not a params overlay (a 'profiles:' mapping); remove it or "
                           "choose another path")
     return dict(data.get("profiles") or {})

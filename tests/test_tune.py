@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -388,9 +389,13 @@ def test_tuning_is_a_dvc_step_whose_values_reach_the_training_stage(tiny_params,
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "tune settings"]):
         subprocess.run(command, cwd=root, env=env, check=True)
 
-    dry = subprocess.run(dvc + ["repro", "--dry"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert dry.returncode == 0, dry.stderr
-    assert "train-scratch@A" in dry.stdout and "tune/dvc.yaml" not in dry.stdout  # on demand only
+    # On demand only: the protocol's pipeline (what `dvc repro` runs) holds no tune stage, the tune pipeline does
+    stages = subprocess.run(dvc + ["stage", "list", "--name-only"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "train-scratch@A" in stages.stdout.split() and "scratch@A" not in stages.stdout.split(), stages.stderr
+    stages = subprocess.run(dvc + ["stage", "list", "--name-only", "tune/dvc.yaml"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert "tune/dvc.yaml:scratch@A" in stages.stdout.split(), stages.stdout
 
     run = subprocess.run(dvc + ["repro", "tune/dvc.yaml:scratch@A"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=TUNE_TIMEOUT_S)
@@ -443,6 +448,15 @@ def test_tuning_is_a_dvc_step_whose_values_reach_the_training_stage(tiny_params,
     assert lock["params"]["tune/A-low.yaml"]["profiles"]["tiny"]["train"]["lr"] == search["best"]["lr"]
     model = root / "runs/tiny/A-low.pt"
     assert torch.load(model, weights_only=True, mmap=True)["profile"]["train"]["lr"] == search["best"]["lr"]
+    # New search settings change the tune stage only: training does not wait on a search
+    settings["trials"] = 4
+    (root / "tune/params.yaml").write_text(yaml.safe_dump(settings))
+    again = subprocess.run(dvc + ["repro", "train-scratch@A"], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout[-2000:]
+    status = subprocess.run(dvc + ["status", "--json", "tune/dvc.yaml"], cwd=root, env=env, capture_output=True,
+                            text=True)
+    assert any("scratch@A" in stage for stage in json.loads(status.stdout)), status.stdout
 
     # The jittered stage's regime: fine-tuning A from that model searches train.fine_tune_lr and starts from its
     # weights (at an lr of 1e-8 one epoch leaves them as they were; a fresh start would not).
@@ -504,3 +518,25 @@ def test_the_grid_spans_the_lr_range_evenly_in_log_lr(profile):
                        trials=4, max_epochs=1, time_budget_s=60)
     with pytest.raises(ConfigError, match=r"^--searcher grid: spans the lr only; give one Smin, one Smax"):
         grid_plan(wide, trials=4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--searcher", "bayes"], r"^error: --searcher: unknown searcher 'bayes'; choose one of random, tpe, grid$"),
+        (["--trial-slots", "9"], r"^error: --trial-slots: 9 trials at once need 9x the resources of one trial but "
+                                 r"the Ray cluster holds 4; lower it, or pass 0 for as many as it holds$"),
+        (["--searcher", "grid", "--s-min", "40,48"], r"^error: --searcher grid: spans the lr only"),
+        (["--out", "notes.yaml"], r"^error: --out notes\.yaml: exists but is not a params overlay"),
+    ],
+)
+def test_bad_search_options_are_one_line(tiny_params, tiny_shards, ray_cluster, tmp_path, options, message):
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_USAGE_STATS_ENABLED": "0"}
+    (tmp_path / "notes.yaml").write_text("notes: not tuned values\n")
+    command = [str(Path(sys.executable).parent / "vgg"), "tune", "--params", str(tiny_params), "--config", "A",
+               "--shards", str(tiny_shards), "--s-max", "64", "--trials", "9", "--max-epochs", "1", "--no-track",
+               "--storage", "ray", *options]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert re.match(message, run.stderr.strip().splitlines()[-1]) and "Traceback" not in run.stderr
+    assert not list((tmp_path / "ray").glob("tune-*/*/result.json"))  # no trial ran
