@@ -114,13 +114,15 @@ def train(
     max_failures: Annotated[int, typer.Option(help="worker-group restarts from the last checkpoint")] = 2,
     stage: Annotated[str, typer.Option(help="stage name for the MLflow tags")] = "train",
     track: Annotated[bool, typer.Option(help="log the run to MLflow (MLFLOW_TRACKING_URI or ./mlflow.db)")] = True,
+    overlay: Annotated[Optional[list[Path]], typer.Option(
+        "--overlay", help="params overlay applied before --set, e.g. `vgg tune`'s output (repeatable)")] = None,
     params: ParamsOption = DEFAULT_PARAMS,
     profile: ProfileOption = None,
     set_: SetOption = None,
 ) -> None:
     """One training run of the protocol (§3.1) on Ray Train: local Ray, or the cluster in RAY_ADDRESS."""
     overrides = list(set_ or []) + ([f"train.workers={workers}"] if workers is not None else [])
-    resolved = _profile(params, profile, overrides)
+    resolved = load_profile(params, profile=profile, overrides=overrides, overlays=overlay or ())
     from pipelines import ray_train  # imports Ray and torch: only this command pays for them
 
     metrics = ray_train.train(profile=resolved, config=config, scale=scale, shards=shards, out=out, init=init,
@@ -262,32 +264,42 @@ def tune(
     shards: Annotated[Path, typer.Option("--shards", help="output of `vgg ingest`")],
     out: Annotated[Path, typer.Option("--out", help="best values as a params.yaml overlay to merge")] = Path("tune-best.yaml"),
     scale: Annotated[str, typer.Option(help="which scales entry the S range tunes (low, high, jitter)")] = "jitter",
-    lr_range: Annotated[tuple[float, float], typer.Option("--lr-range", help="log-uniform lr range: LOW HIGH")] = (1e-3, 1e-1),
-    s_min: Annotated[str, typer.Option(help="Smin candidates, px: 40,48 or 40:56:8")] = "40,48",
-    s_max: Annotated[str, typer.Option(help="Smax candidates, px: 56,64,72 or 56:72:8")] = "56:72:8",
+    init: Annotated[Optional[Path], typer.Option("--init", help="the tuned stage's --init: fine-tuning the same "
+                                                 "configuration searches train.fine_tune_lr (default: from scratch)")] = None,
+    lr_range: Annotated[Optional[tuple[float, float]], typer.Option(
+        "--lr-range", help="log-uniform lr range: LOW HIGH (default: a decade either side of the profile's)")] = None,
+    s_min: Annotated[str, typer.Option(help="Smin candidates, px: 40,48 or 40:56:8 (default: the profile's)")] = "",
+    s_max: Annotated[str, typer.Option(help="Smax candidates, px: 56,64,72 or 56:72:8 (default: the profile's)")] = "",
     trials: Annotated[int, typer.Option(help="trials (each a Ray Train run)")] = 4,
+    searcher: Annotated[str, typer.Option(help="random (a seeded plan), tpe (Optuna, learns from the results) or "
+                                          "grid (lr only, no early stop)")] = "random",
+    trial_slots: Annotated[int, typer.Option(help="trials at once (0: as many as the Ray cluster holds)")] = 0,
     max_epochs: Annotated[int, typer.Option(help="epochs per trial; ASHA stops the weak ones earlier")] = 4,
     time_budget: Annotated[float, typer.Option(help="seconds for the whole search")] = 900.0,
     label_smoothing: Annotated[str, typer.Option(
         "--label-smoothing", help="train.label_smoothing candidates drawn per trial, e.g. 0,0.1 (default: the "
         "profile's value, not searched)")] = "",
+    results: Annotated[Optional[Path], typer.Option(
+        "--results", help="also write the results table and the search's provenance as JSON")] = None,
     storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE", help="Ray storage")] = Path("ray_results"),
     track: Annotated[bool, typer.Option(help="parent + child runs in MLflow")] = True,
     params: ParamsOption = DEFAULT_PARAMS,
     profile: ProfileOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Ray Tune search over lr (log-uniform) and the S range, early-stopped by ASHA; writes the best as params."""
+    """Ray Tune search over lr (log-uniform) and the S range in the tuned stage's regime, trials in parallel,
+    early-stopped by ASHA; writes the best as params (docs/tuning.md)."""
     from pipelines import ray_tune
 
     resolved = _profile(params, profile, set_)
     ray_tune.tune(
         resolved, config=config, scale_key=scale, shards=shards, lr_range=lr_range,
-        s_min_range=ray_tune.parse_sizes(s_min, option="--s-min"),
-        s_max_range=ray_tune.parse_sizes(s_max, option="--s-max"),
+        s_min_range=ray_tune.parse_sizes(s_min, option="--s-min") if s_min else None,
+        s_max_range=ray_tune.parse_sizes(s_max, option="--s-max") if s_max else None,
         trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage, out=out, track=track,
         label_smoothing=(ray_tune.parse_fractions(label_smoothing, option="--label-smoothing")
                          if label_smoothing else None),
+        init=init, searcher=searcher, trial_slots=trial_slots, results=results,
     )
     typer.echo(f"best values written to {out}")
 

@@ -1,11 +1,16 @@
-"""`vgg tune`: a seeded random search over the initial lr (log-uniform), the training scale range [Smin, Smax] and,
-when given several candidates, the label smoothing ε of the training loss (Inception-v3's regulariser).
+"""`vgg tune`: a search over the lr (log-uniform), the training scale range [Smin, Smax] and, when given several
+candidates, the label smoothing ε of the training loss (Inception-v3's regulariser), in the regime of the stage
+it tunes: from scratch (A, `train.lr`), or from that stage's `--init` (fine-tuning the same configuration at the
+higher or jittered S, §3.1: `train.fine_tune_lr`; warm-starting B-E from A: `train.lr`).
 
 Each trial is one Ray Train run of the protocol (`pipelines.ray_train`'s worker function, profile overridden with
-the trial's lr, S range and ε) whose per-epoch `val/top1_err` reaches Tune through `TuneReportCallback`; ASHA stops
-trials that fall behind from epoch 1 on. The search space is checked before Ray starts; the trials are drawn from
-the profile's seed before anything runs (same command, same trials). MLflow gets one parent run (`tune-<config>`)
-and one child run per trial, all written by this driver process (a Tune callback), never by workers.
+the trial's lr, S range and ε) whose per-epoch `val/top1_err` reaches Tune through `TuneReportCallback`. As many
+trials run at once as the cluster holds (trial slots, each `train.workers` workers); ASHA stops the trials that fall
+behind their peers from epoch 1 on. Two searchers: `random`, a plan drawn from the profile's seed before anything
+runs (same command, same trials), and `tpe`, Optuna's Tree-structured Parzen Estimator (seeded), whose later
+suggestions model the results of the earlier trials. The search space is checked before Ray starts. MLflow gets
+one parent run (`tune-<config>`) and one child run per trial, all written by this driver process (a Tune
+callback), never by workers.
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,19 +29,28 @@ import ray.tune
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.cluster import ClusterError, connect, placeable, user_error
 from pipelines.ray_train import TrainJob, check_job, fit_trainer, off_main_thread
 from pipelines.tracking import TrackedRun, end_status, flatten, git_commit, tracking_uri
 from vgg.config import Profile, ScaleRange
-from vgg.errors import ConfigError, DivergenceError
+from vgg.errors import CheckpointError, ConfigError, DivergenceError
+from vgg.files import write_atomic
 
 METRIC = "val/top1_err"  # what ASHA and the best config minimise, % (the paper's Table 3 metric)
 EPOCH_METRICS = ("train/loss", "val/top1_err", "val/top5_err", "lr", "train/images_per_s")
 DIVERGED = "diverged"  # the key of a diverged trial's last result: the DivergenceError's line
-# On 2 cores: one trial at a time; the trial process only waits on its Train run, its workers share
-# the rest. Train V2's controller actor takes no CPU.
+# What a diverged trial reports as its metric (Tune requires one in every result): worse than any error rate, so ASHA
+# stops and TPE avoids its neighbourhood; the table shows the trial as diverged, never with this number.
+DIVERGED_ERR = 100.0
+SEARCHERS = ("random", "tpe", "grid")
+# In each trial's directory: its own wall-clock start (time.time(), s), and its end when the trial function returns
+# (a trial ASHA stops is ended from outside: its last result's `timestamp` is when it last ran).
+INTERVAL_FILE = "interval.json"
+# A trial slot: the trial process only waits on its Train run (half a CPU), plus its `train.workers` workers.
+# Train V2's controller actor takes no CPU.
 TRIAL_RESOURCES = {"CPU": 0.5}
 CPU_WORKER_RESOURCES = {"CPU": 0.5}
 GPU_WORKER_RESOURCES = {"CPU": 1.0, "GPU": 1.0}
@@ -56,8 +69,29 @@ class SearchSpace:
 
 
 @dataclasses.dataclass(frozen=True)
+class Regime:
+    """How the tuned stage trains, from its `--init` (§3.1): `scratch` (no init), `warm-start` (B-E from a trained
+    A: `train.lr`), `fine-tune` (the same configuration at another S: `train.fine_tune_lr`)."""
+
+    kind: str
+    init: Path | None
+
+    @property
+    def lr_key(self) -> str:
+        """The `train` key the searched lr sets."""
+        return "fine_tune_lr" if self.kind == "fine-tune" else "lr"
+
+
+def regime(job: TrainJob) -> Regime:
+    if job.init is None:
+        return Regime(kind="scratch", init=None)
+    return Regime(kind="warm-start" if job.warm_start else "fine-tune", init=job.init)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrialResult:
-    """One row of the results table; errors are % at the epoch with the best val top-1 (NaN: no epoch ended)."""
+    """One row of the results table; errors are % at the epoch with the best val top-1 (NaN: no epoch ended).
+    `lr` is the tuned learning rate: `train.lr`, or `train.fine_tune_lr` when the search fine-tunes (`Regime`)."""
 
     trial: str
     lr: float
@@ -77,9 +111,9 @@ def tune(
     config: str,
     scale_key: str = "jitter",
     shards: Path,
-    lr_range: tuple[float, float],
-    s_min_range: Sequence[int],
-    s_max_range: Sequence[int],
+    lr_range: tuple[float, float] | None = None,
+    s_min_range: Sequence[int] | None = None,
+    s_max_range: Sequence[int] | None = None,
     trials: int,
     max_epochs: int,
     time_budget_s: float,
@@ -87,29 +121,58 @@ def tune(
     out: Path,
     track: bool,
     label_smoothing: Sequence[float] | None = None,
+    init: Path | None = None,
+    searcher: str = "random",
+    trial_slots: int = 0,
+    results: Path | None = None,
 ) -> tuple[TrialResult, ...]:
     """Search lr and the S range of `scales.<scale_key>` for `config`; print and return the results table (best
-    first); write the best values to `out` as a params.yaml overlay. `s_min_range`/`s_max_range` are the candidate
-    sizes in px (a `range` works); a pair with Smin > Smax, or one the profile rejects, is never drawn.
-    `label_smoothing`: candidate ε for `train.label_smoothing`, drawn uniformly per trial; None keeps the profile's
-    value in every trial (not searched: the plan, table and overlay are as without the option)."""
-    space = check_space(profile, scale_key=scale_key, lr_range=lr_range, s_min_range=s_min_range,
-                        s_max_range=s_max_range, trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s,
-                        label_smoothing=label_smoothing)
+    first); write the best values to `out` as a params.yaml overlay (and, given `results`, the table and the
+    search's provenance as JSON). `init`: the tuned stage's `--init` (its regime: `Regime`); the lr searched is
+    then `train.fine_tune_lr` when it fine-tunes. `lr_range` None: a decade either side of the profile's value of
+    that key. `s_min_range`/`s_max_range` are the candidate sizes in px (a `range` works; None: the profile's own
+    value, not searched); a pair with Smin > Smax, or one the profile rejects, is never drawn. `label_smoothing`:
+    candidate ε for `train.label_smoothing`; None keeps the profile's value in every trial (not searched: the plan,
+    table and overlay are as without the option). `searcher`: one of `SEARCHERS` (`make_searcher`). `trial_slots`: how
+    many trials run at once; 0, as many as the cluster holds."""
+    if searcher not in SEARCHERS:
+        raise ConfigError(f"--searcher: unknown searcher {searcher!r}; choose one of {', '.join(SEARCHERS)}")
+    if trial_slots < 0:
+        raise ConfigError(f"--trial-slots: must be >= 0 (0: as many as the cluster holds), got {trial_slots}")
     # Absolute paths: Ray workers do not run in this directory.
-    base = TrainJob(profile=profile, config=config, scale=scale_key, init=None, shards=shards.absolute(),
-                    out=out.absolute(), storage=storage.absolute(), max_failures=TRIAL_MAX_FAILURES)
-    check_job(base)  # configuration name, shards, class count, writable out folder and storage: before Ray
-    plan = plan_trials(space, trials=trials, seed=profile.train.seed)
-    name = _experiment_name(base, space=space, trials=trials, max_epochs=max_epochs)
-    parent = _parent_run(base, space=space, trials=trials, max_epochs=max_epochs,
-                         time_budget_s=time_budget_s) if track else None
+    base = TrainJob(profile=profile, config=config, scale=scale_key, init=init.absolute() if init else None,
+                    shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(),
+                    max_failures=TRIAL_MAX_FAILURES)
+    profile.scale(scale_key)  # unknown key: its own one line, before the defaults below read it
+    if init is not None and not init.is_file():
+        raise CheckpointError(f"--init: no such checkpoint: {init}")
+    mode = regime(base)
+    default_lr = getattr(profile.train, mode.lr_key)
+    own = profile.scale(scale_key)
+    space = check_space(profile, scale_key=scale_key,
+                        lr_range=(default_lr / 10, default_lr * 10) if lr_range is None else lr_range,
+                        s_min_range=(own.s_min,) if s_min_range is None else s_min_range,
+                        s_max_range=(own.s_max,) if s_max_range is None else s_max_range,
+                        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s,
+                        label_smoothing=label_smoothing, lr_key=mode.lr_key)
+    if searcher == "grid":
+        grid_plan(space, trials=trials)  # its one line before Ray
+    check_job(base)  # configuration name, shards, class count, init, writable out folder and storage: before Ray
+    _existing_overlay(out)  # an --out that is not an overlay: before the search, not after it
+    name = _experiment_name(base, space=space, trials=trials, max_epochs=max_epochs, searcher=searcher)
+    parent = _parent_run(base, space=space, trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s,
+                         mode=mode, searcher=searcher) if track else None
     try:
         connect()
         _check_capacity(profile)
-        ledger = TrialLedger(parent=parent, base=base)
-        grid = _search(base, plan=plan, space=space, max_epochs=max_epochs, time_budget_s=time_budget_s,
-                       name=name, ledger=ledger)
+        slots = trial_slots_for(profile, requested=trial_slots, trials=trials)
+        print(f"tune: {trials} trials ({searcher} searcher), {slots} at a time, regime {mode.kind} "
+              f"(searching train.{mode.lr_key})")
+        if parent is not None:
+            parent.client.set_tag(parent.run_id, "trial_slots", str(slots))
+        ledger = TrialLedger(parent=parent, base=base, lr_key=mode.lr_key)
+        grid = _search(base, space=space, trials=trials, searcher=searcher, slots=slots, max_epochs=max_epochs,
+                       time_budget_s=time_budget_s, name=name, ledger=ledger)
         rows = _table(grid, ledger)
         # ε in the table and the overlay only when a trial can differ from the profile: without the option, both
         # are as they were before it existed.
@@ -120,7 +183,14 @@ def tune(
                   f"({time_budget_s:g} s)")
         best = _best(rows, grid)
         _write_overlay(out, profile=profile, config=config, scale_key=scale_key, best=best, rows=rows,
-                       trials=trials, label_smoothing=smoothing_shown)
+                       trials=trials, label_smoothing=smoothing_shown, lr_key=mode.lr_key)
+        if results is not None:
+            provenance = {"experiment": name, "searcher": searcher, "trial_slots": slots, "regime": mode.kind,
+                          "init": str(init) if init else None, "lr_key": f"train.{mode.lr_key}",
+                          "mlflow_run_id": parent.run_id if parent is not None else None,
+                          "space": dataclasses.asdict(space), "trials": trials, "max_epochs": max_epochs,
+                          "best": dataclasses.asdict(best), "rows": [dataclasses.asdict(row) for row in rows]}
+            write_atomic(results, (json.dumps(provenance, indent=1) + "\n").encode())
         smoothing = f", label smoothing {best.label_smoothing:g}" if smoothing_shown else ""
         print(f"best: lr {best.lr:.4g}, S [{best.s_min}, {best.s_max}]{smoothing} -> {METRIC} {best.top1_err:.2f} %; "
               f"wrote {out}")
@@ -149,9 +219,10 @@ def check_space(
     max_epochs: int,
     time_budget_s: float,
     label_smoothing: Sequence[float] | None = None,
+    lr_key: str = "lr",
 ) -> SearchSpace:
     """The search space, or one `ConfigError` line saying what is empty or invalid and how to fix it.
-    `label_smoothing` None: the profile's `train.label_smoothing` only."""
+    `label_smoothing` None: the profile's `train.label_smoothing` only. `lr_key`: the `train` key the lr sets."""
     profile.scale(scale_key)  # unknown key: its own one line
     if trials < 1:
         raise ConfigError(f"--trials: must be >= 1, got {trials}")
@@ -168,7 +239,7 @@ def check_space(
                           "e.g. --lr-range 1e-3 1e-1")
     for lr in (lr_min, lr_max):  # the profile's own bounds on an lr, named after this option
         try:
-            dataclasses.replace(profile.train, lr=lr)
+            dataclasses.replace(profile.train, **{lr_key: lr})
         except ConfigError as error:
             raise ConfigError(f"--lr-range: {error}") from None
     smoothing = (profile.train.label_smoothing,) if label_smoothing is None else tuple(label_smoothing)
@@ -199,7 +270,8 @@ def check_space(
     valid, reasons = [], []
     for low, high in pairs:
         try:
-            trial_profile(profile, scale_key=scale_key, lr=lr_min, s_min=low, s_max=high, max_epochs=max_epochs)
+            trial_profile(profile, scale_key=scale_key, lr=lr_min, s_min=low, s_max=high, max_epochs=max_epochs,
+                          lr_key=lr_key)
         except ConfigError as error:
             reasons.append(f"[{low}, {high}]: {error}")
             continue
@@ -212,15 +284,15 @@ def check_space(
 
 
 def trial_profile(profile: Profile, *, scale_key: str, lr: float, s_min: int, s_max: int, max_epochs: int,
-                  label_smoothing: float | None = None) -> Profile:
+                  label_smoothing: float | None = None, lr_key: str = "lr") -> Profile:
     """The profile one trial trains with (validated again by the dataclasses). Trials checkpoint at epoch ends
     only: every report then carries the epoch's `val/top1_err`, which ASHA needs. `label_smoothing` None keeps the
-    profile's."""
+    profile's; `lr_key`: the `train` key `lr` sets (`Regime.lr_key`)."""
     smoothing = profile.train.label_smoothing if label_smoothing is None else label_smoothing
     return dataclasses.replace(
         profile,
-        train=dataclasses.replace(profile.train, lr=lr, max_epochs=max_epochs, checkpoint_every=0,
-                                  label_smoothing=smoothing),
+        train=dataclasses.replace(profile.train, max_epochs=max_epochs, checkpoint_every=0,
+                                  label_smoothing=smoothing, **{lr_key: lr}),
         scales=dataclasses.replace(profile.scales, **{scale_key: ScaleRange(s_min=s_min, s_max=s_max)}),
     )
 
@@ -278,34 +350,116 @@ def format_table(rows: Sequence[TrialResult], *, label_smoothing: bool = False) 
     return "\n".join(lines)
 
 
+def grid_plan(space: SearchSpace, *, trials: int) -> list[dict[str, Any]]:
+    """`trials` lr values evenly spaced in log lr over [lr_min, lr_max] (both ends included), at the one S range and
+    ε of the space: the dense baseline a search is measured against (`benchmarks/tune.py`)."""
+    if len(space.scales) > 1 or len(space.label_smoothing) > 1:
+        raise ConfigError("--searcher grid: spans the lr only; give one Smin, one Smax and at most one ε")
+    (s_min, s_max), smoothing = space.scales[0], space.label_smoothing[0]
+    if trials == 1:
+        lrs = [math.sqrt(space.lr_min * space.lr_max)]
+    else:  # the ends exactly: exp(log(x)) may round above lr_max, outside the space
+        lrs = [space.lr_min, *np.exp(np.linspace(math.log(space.lr_min), math.log(space.lr_max), trials)[1:-1]),
+               space.lr_max]
+    return [{"lr": float(lr), "s_min": s_min, "s_max": s_max, "label_smoothing": smoothing} for lr in lrs]
+
+
+@dataclasses.dataclass(frozen=True)
+class TpeSpace:
+    """The search space as Optuna's define-by-run function (a class, not a closure: Tune pickles its searcher into
+    the experiment's state). The draws through the trial object are what TPE models; the returned constants complete
+    the trial's configuration."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        space = self.space
+        trial.suggest_float("lr", space.lr_min, space.lr_max, log=True)
+        pairs = [f"{low}-{high}" for low, high in space.scales]
+        low, high = (trial.suggest_categorical("scales", pairs) if len(pairs) > 1 else pairs[0]).split("-")
+        constants: dict[str, Any] = {"s_min": int(low), "s_max": int(high)}
+        if len(space.label_smoothing) > 1:
+            trial.suggest_categorical("label_smoothing", list(space.label_smoothing))
+        else:
+            constants["label_smoothing"] = space.label_smoothing[0]
+        return constants
+
+
+def make_searcher(space: SearchSpace, *, searcher: str, trials: int, seed: int,
+                  slots: int = 0) -> Searcher | BasicVariantGenerator:
+    """The searcher Tune asks for each next trial's configuration (keys `lr`, `s_min`, `s_max`, `label_smoothing`),
+    with at most `slots` trials running at once (0: no limit).
+    `random`: the seeded plan (`plan_trials`), all drawn before anything runs. `grid`: `grid_plan` (every point
+    runs all its epochs: no early stopping). `tpe`: Optuna's TPE, seeded, whose
+    first third of the trials (at least 2) are its own random start-up draws and the rest model the results so far;
+    a candidate list of one value is not drawn. With several trial slots TPE sees results in the order trials end,
+    so only a one-slot search repeats exactly; running trials count as poor results meanwhile (constant liar), so
+    concurrent suggestions spread out."""
+    if searcher in ("random", "grid"):
+        plan = plan_trials(space, trials=trials, seed=seed) if searcher == "random" else grid_plan(space, trials=trials)
+        # Tune's max_concurrent_trials does not reach a BasicVariantGenerator: its own limit does.
+        return BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=slots)
+    import optuna  # only `--searcher tpe` needs it
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, trials // 3), multivariate=True,
+                                         constant_liar=True)
+    search = OptunaSearch(space=TpeSpace(space), metric=METRIC, mode="min", sampler=sampler)
+    return ConcurrencyLimiter(search, max_concurrent=slots) if slots else search
+
+
+def trial_slots_for(profile: Profile, *, requested: int, trials: int) -> int:
+    """How many trials run at once: `requested`, or (0) as many as the cluster's resources hold, each a trial
+    process and `train.workers` workers; never more than `trials`. One line when `requested` cannot run at once."""
+    train = profile.train
+    worker = GPU_WORKER_RESOURCES if train.use_gpu else CPU_WORKER_RESOURCES
+    available = ray.cluster_resources()
+    need = {resource: TRIAL_RESOURCES.get(resource, 0.0) + train.workers * worker.get(resource, 0.0)
+            for resource in {*TRIAL_RESOURCES, *worker}}
+    holds = min(int(available.get(resource, 0.0) // amount) for resource, amount in need.items() if amount > 0)
+    if requested > holds:
+        raise ClusterError(f"--trial-slots: {requested} trials at once need {requested}x the resources of one trial "
+                           f"but the Ray cluster holds {holds}; lower it, or pass 0 for as many as it holds")
+    return max(1, min(requested or holds, trials))
+
+
 def _search(
     base: TrainJob,
     *,
-    plan: list[dict[str, Any]],
     space: SearchSpace,
+    trials: int,
+    searcher: str,
+    slots: int,
     max_epochs: int,
     time_budget_s: float,
     name: str,
     ledger: TrialLedger,
 ) -> ray.tune.ResultGrid:
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, base=base.to_dict(), max_epochs=max_epochs), TRIAL_RESOURCES
+        ray.tune.with_parameters(_trial, base=base.to_dict(), max_epochs=max_epochs, lr_key=ledger.lr_key),
+        TRIAL_RESOURCES,
     )
     tuner = ray.tune.Tuner(
         trainable,
-        # The planned points are what runs (they are all the samples); the distributions record the space in Tune's
-        # state: lr, the candidate Smin and Smax values (only pairs from `space.scales` are planned) and ε.
-        param_space={"lr": ray.tune.loguniform(space.lr_min, space.lr_max),
-                     "s_min": ray.tune.choice(sorted({low for low, _ in space.scales})),
-                     "s_max": ray.tune.choice(sorted({high for _, high in space.scales})),
-                     "label_smoothing": ray.tune.choice(list(space.label_smoothing))},
+        # TPE holds its own space (`make_searcher`). The random plan's points are all its samples; the distributions
+        # record the space in Tune's state: lr, the candidate Smin and Smax values (only pairs from `space.scales`
+        # are planned) and ε.
+        param_space=None if searcher == "tpe" else {
+            "lr": ray.tune.loguniform(space.lr_min, space.lr_max),
+            "s_min": ray.tune.choice(sorted({low for low, _ in space.scales})),
+            "s_max": ray.tune.choice(sorted({high for _, high in space.scales})),
+            "label_smoothing": ray.tune.choice(list(space.label_smoothing))},
         tune_config=ray.tune.TuneConfig(
             metric=METRIC,
             mode="min",
-            # Stops a trial whose val/top1_err is behind at epoch 1, 4, 16...; at max_epochs `fit` ends it itself.
-            scheduler=ASHAScheduler(time_attr="epoch", grace_period=1, max_t=max_epochs, stop_last_trials=False),
-            search_alg=BasicVariantGenerator(points_to_evaluate=plan, max_concurrent=1),
-            num_samples=len(plan),
+            # Stops a trial whose val/top1_err is behind its peers' at epoch 1, 4, 16...; at max_epochs `fit` ends
+            # it itself.
+            scheduler=None if searcher == "grid" else ASHAScheduler(time_attr="epoch", grace_period=1,
+                                                                     max_t=max_epochs, stop_last_trials=False),
+            search_alg=make_searcher(space, searcher=searcher, trials=trials, seed=base.profile.train.seed,
+                                     slots=slots),
+            num_samples=trials,
             time_budget_s=time_budget_s,
         ),
         # A failed trial is not retried by Tune: its Train run already restarts its worker group (max_failures).
@@ -315,16 +469,21 @@ def _search(
     return off_main_thread(tuner.fit)  # Tune's own SIGINT handler would end the search as if it had completed
 
 
-def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: int) -> None:
-    """One Tune trial: one Ray Train run of the protocol with this trial's lr, S range and label smoothing."""
+def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: int, lr_key: str = "lr") -> None:
+    """One Tune trial: one Ray Train run of the protocol with this trial's lr, S range and label smoothing. Writes
+    its own wall-clock start and end (`INTERVAL_FILE`) to its trial directory, so that concurrency can be read back."""
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    interval = {"trial": trial_id, "start": time.time()}
+    record = Path(context.get_trial_dir()) / INTERVAL_FILE
+    write_atomic(record, json.dumps(interval).encode())
     job = TrainJob.from_dict(base)
-    trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"train-{trial_id}"  # stable per trial: a restarted trial resumes its own Train run
     job = dataclasses.replace(
         job,
         profile=trial_profile(job.profile, scale_key=job.scale, lr=trial_config["lr"], s_min=trial_config["s_min"],
                               s_max=trial_config["s_max"], max_epochs=max_epochs,
-                              label_smoothing=trial_config.get("label_smoothing")),
+                              label_smoothing=trial_config.get("label_smoothing"), lr_key=lr_key),
         out=job.storage / run_name / "model.pt",  # not written: a trial's model stays in its Ray checkpoints
     )
     # Rank 0's per-epoch metrics become this trial's Tune results; a worker's user error, the trial's error.
@@ -333,8 +492,10 @@ def _trial(trial_config: dict[str, Any], *, base: dict[str, Any], max_epochs: in
                     resources=GPU_WORKER_RESOURCES if job.profile.train.use_gpu else CPU_WORKER_RESOURCES)
     except DivergenceError as error:
         # A finding of the search (this lr is too high for the init), not a failure to log with a traceback: the
-        # trial's last result says so. Tune requires the metric in every result; NaN ranks it last.
-        ray.tune.report({METRIC: math.nan, DIVERGED: str(error)})
+        # trial's last result says so, with the worst error as its metric.
+        ray.tune.report({METRIC: DIVERGED_ERR, DIVERGED: str(error)})
+    finally:
+        write_atomic(record, json.dumps({**interval, "end": time.time()}).encode())
 
 
 def _check_capacity(profile: Profile) -> None:
@@ -363,8 +524,8 @@ class TrialLedger(ray.tune.Callback):
     first report has no config in its Result, and the stored results do not say whether `fit` ended by itself),
     and, when tracking, one MLflow child run per trial under the tune run, with its per-epoch metrics."""
 
-    def __init__(self, *, parent: TrackedRun | None, base: TrainJob) -> None:
-        self.parent, self.base = parent, base
+    def __init__(self, *, parent: TrackedRun | None, base: TrainJob, lr_key: str = "lr") -> None:
+        self.parent, self.base, self.lr_key = parent, base, lr_key
         self.configs: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
         self.runs: dict[str, TrackedRun] = {}
@@ -382,7 +543,8 @@ class TrialLedger(ray.tune.Callback):
         smoothing = float(trial.config.get("label_smoothing", profile.train.label_smoothing))
         tags = {"stage": "tune-trial", "config": self.base.config, "profile": profile.name, "trial_id": trial.trial_id,
                 "lr": f"{lr:.6g}", "s_min": str(s_min), "s_max": str(s_max), "label_smoothing": f"{smoothing:g}"}
-        params = {"train.lr": repr(lr), f"scales.{key}.s_min": str(s_min), f"scales.{key}.s_max": str(s_max),
+        params = {f"train.{self.lr_key}": repr(lr), f"scales.{key}.s_min": str(s_min),
+                  f"scales.{key}.s_max": str(s_max),
                   "train.label_smoothing": repr(smoothing)}
         self.runs[trial.trial_id] = TrackedRun(
             uri=self.parent.uri, experiment=f"vgg-{profile.name}", run_name=f"trial-{trial.trial_id}", tags=tags,
@@ -427,13 +589,15 @@ class TrialLedger(ray.tune.Callback):
             run.finish("FAILED" if outcome in ("diverged", "failed") else "FINISHED")
 
 
-def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int,
-                time_budget_s: float) -> TrackedRun:
+def _parent_run(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int, time_budget_s: float,
+                mode: Regime, searcher: str) -> TrackedRun:
     profile = base.profile
     root = Path.cwd()
     tags = {"stage": "tune", "config": base.config, "profile": profile.name, "scale_kind": base.scale,
-            "git_commit": git_commit(root)}
-    params = {**flatten(profile.to_dict()), "tune.lr_min": repr(space.lr_min), "tune.lr_max": repr(space.lr_max),
+            "git_commit": git_commit(root), "regime": mode.kind, "searcher": searcher,
+            "init_source": str(mode.init) if mode.init else f"random ({profile.model.init})"}
+    params = {**flatten(profile.to_dict()), "tune.lr_key": f"train.{mode.lr_key}", "tune.searcher": searcher,
+              "tune.lr_min": repr(space.lr_min), "tune.lr_max": repr(space.lr_max),
               "tune.scales": json.dumps(space.scales), "tune.label_smoothing": json.dumps(space.label_smoothing),
               "tune.trials": str(trials), "tune.max_epochs": str(max_epochs),
               "tune.time_budget_s": f"{time_budget_s:g}", "tune.metric": METRIC}
@@ -450,6 +614,8 @@ def _table(grid: ray.tune.ResultGrid, ledger: TrialLedger) -> tuple[TrialResult,
             continue
         config = ledger.configs[trial_id]
         frame = result.metrics_dataframe
+        if frame is not None and DIVERGED in frame:  # its metric is DIVERGED_ERR, not an epoch's error
+            frame = frame[frame[DIVERGED].isna()]
         epochs = frame.dropna(subset=[METRIC]) if frame is not None and METRIC in frame else None
         if epochs is not None and len(epochs):
             best = epochs.loc[epochs[METRIC].idxmin()]
@@ -502,42 +668,50 @@ def _best(rows: tuple[TrialResult, ...], grid: ray.tune.ResultGrid) -> TrialResu
 
 
 def _write_overlay(out: Path, *, profile: Profile, config: str, scale_key: str, best: TrialResult,
-                   rows: tuple[TrialResult, ...], trials: int, label_smoothing: bool = False) -> None:
+                   rows: tuple[TrialResult, ...], trials: int, label_smoothing: bool = False,
+                   lr_key: str = "lr") -> None:
     """The best values as a params.yaml overlay (same nesting), written atomically, with how it was found;
-    `label_smoothing`: with the best trial's ε (it was searched, or set apart from the profile's)."""
-    train: dict[str, float] = {"lr": best.lr}
+    `label_smoothing`: with the best trial's ε (it was searched, or set apart from the profile's); `lr_key`: the
+    `train` key the searched lr sets."""
+    train: dict[str, float] = {lr_key: best.lr}
     smoothing_option = ""
     if label_smoothing:
         train["label_smoothing"] = best.label_smoothing
         smoothing_option = f" --set train.label_smoothing={best.label_smoothing!r}"
-    overlay = {"profiles": {profile.name: {"train": train,
-                                            "scales": {scale_key: {"s_min": best.s_min, "s_max": best.s_max}}}}}
+    # Other profiles' tuned values in an existing overlay stay (one file per tuned stage serves every profile).
+    profiles = {name: values for name, values in _existing_overlay(out).items() if name != profile.name}
+    profiles[profile.name] = {"train": train, "scales": {scale_key: {"s_min": best.s_min, "s_max": best.s_max}}}
+    overlay = {"profiles": profiles}
     header = (
         f"# vgg tune: best of {len(rows)} trials ({trials} planned) for configuration {config}, profile "
         f"{profile.name}, scales.{scale_key}\n"
         f"# {METRIC} {best.top1_err:.2f} % (val/top5_err {best.top5_err:.2f} %) at epoch {best.best_epoch} of "
         f"{best.epochs}, trial {best.trial}, outcome {best.outcome}\n"
-        f"# Merge into params.yaml, or pass as --set train.lr={best.lr!r}{smoothing_option} "
+        f"# Merge into params.yaml, or pass as --set train.{lr_key}={best.lr!r}{smoothing_option} "
         f"--set 'scales.{scale_key}={{s_min: {best.s_min}, s_max: {best.s_max}}}'\n"
     )
     text = header + yaml.safe_dump(overlay, sort_keys=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    write_atomic(out, text.encode())
+
+
+def _existing_overlay(out: Path) -> dict[str, Any]:
+    """The profiles an overlay file at `out` holds (none when there is no file)."""
+    if not out.is_file():
+        return {}
     try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        data = yaml.safe_load(out.read_text())
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict) or "profiles" not in data or not isinstance(data["profiles"] or {}, dict):
+        raise ConfigError(f"--out {out}: exists but is not a params overlay (a 'profiles:' mapping); remove it or "
+                          "choose another path")
+    return dict(data.get("profiles") or {})
 
 
-def _experiment_name(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int) -> str:
-    """Deterministic (no timestamps): the same search over the same data and profile gets the same name."""
+def _experiment_name(base: TrainJob, *, space: SearchSpace, trials: int, max_epochs: int, searcher: str) -> str:
+    """Deterministic (no timestamps): the same search over the same data, init and profile gets the same name."""
     digest = hashlib.sha256()
     digest.update(base.fingerprint().encode())
-    digest.update(json.dumps([dataclasses.asdict(space), trials, max_epochs]).encode())
+    digest.update(json.dumps([dataclasses.asdict(space), trials, max_epochs, searcher]).encode())
     return f"tune-{base.profile.name}-{base.config}-{base.scale}-{digest.hexdigest()[:12]}"

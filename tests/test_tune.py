@@ -6,10 +6,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -17,8 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.params import load_profile
-from pipelines.ray_tune import (TrialResult, _best, check_space, format_table, parse_fractions, parse_sizes,
-                                plan_trials, ranked, trial_profile, tune)
+from pipelines.ray_tune import (INTERVAL_FILE, TrialResult, _best, check_space, format_table, make_searcher,
+                                parse_fractions, parse_sizes, plan_trials, ranked, trial_profile, tune)
 from vgg.config import Profile, from_mapping
 from vgg.errors import ConfigError
 
@@ -177,6 +179,17 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
         assert paths and all(torch.load(path, weights_only=True, mmap=True)["profile"]["train"]["label_smoothing"]
                              == row.label_smoothing for path in paths)
     assert [row.top1_err for row in rows] == sorted(row.top1_err for row in rows)
+    # Two trial slots (the cluster holds four trials of one worker): the trials ran at the same time, as they
+    # recorded it themselves: each started (INTERVAL_FILE) before the other reported its first epoch (the result's
+    # `timestamp`, whole seconds, set in the trial's process).
+    started, first_report = {}, {}
+    for record in (tmp_path / "ray").glob(f"tune-*/*/{INTERVAL_FILE}"):
+        interval = json.loads(record.read_text())
+        started[interval["trial"]] = interval["start"]
+        results = [json.loads(line) for line in (record.parent / "result.json").read_text().splitlines()]
+        first_report[interval["trial"]] = min(result["timestamp"] for result in results if "epoch" in result)
+    assert sorted(started) == sorted(row.trial for row in rows)
+    assert max(started.values()) < min(first_report.values()), (started, first_report)
     # At max_epochs `fit` ends a trial itself; a trial with one epoch was stopped there by ASHA
     assert all(row.outcome == ("completed" if row.epochs == 2 else "stopped") and row.epochs >= 1 for row in rows)
     assert all(0.0 <= row.top5_err <= row.top1_err <= 100.0 for row in rows)
@@ -205,6 +218,8 @@ def test_trials_run_on_the_cluster_and_the_best_config_merges_into_the_profile(
     (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune'")
     assert parent.info.run_name == "tune-A" and parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial"] == best.trial
+    assert (parent.data.tags["trial_slots"], parent.data.tags["regime"], parent.data.tags["searcher"]) == (
+        "2", "scratch", "random")
     assert json.loads(parent.data.params["tune.label_smoothing"]) == list(SMOOTHING)
     assert float(parent.data.params["train.label_smoothing"]) == profile.train.label_smoothing
     assert math.isclose(parent.data.metrics["best/val/top1_err"], best.top1_err)
@@ -281,3 +296,247 @@ def test_the_ledger_tells_completed_from_stopped_and_diverged_trials(profile, ti
             trial.last_result["done"] = True
         ledger.on_trial_complete(0, [], trial)
     assert ledger.outcomes == {"returned": "completed", "asha": "stopped", "budget": "stopped", "diverged": "diverged"}
+
+
+def _suggestions(searcher, results: dict[int, float], count: int) -> list[dict]:
+    """Ask `searcher` for `count` configurations one after another, completing trial i with `results[i]` (% top-1
+    error) as soon as it is suggested, as Tune does with one trial slot."""
+    suggested = []
+    for index in range(count):
+        config = searcher.suggest(f"t{index}")
+        suggested.append(config)
+        searcher.on_trial_complete(f"t{index}", result={"val/top1_err": results.get(index, 50.0), "epoch": 1})
+    return suggested
+
+
+def test_tpe_suggestions_are_seeded_and_learn_from_earlier_results(profile, tmp_path):
+    """Optuna's TPE through Ray Tune: the same seed and results give the same search; the same seed with other
+    results for the start-up trials gives other later suggestions."""
+    space = check_space(profile, scale_key="jitter", lr_range=(1e-4, 1e-1), s_min_range=(40, 48),
+                        s_max_range=(56, 64, 72), trials=9, max_epochs=2, time_budget_s=60)
+
+    def search(results: dict[int, float], seed: int = 0, kind: str = "tpe") -> list[dict]:
+        return _suggestions(make_searcher(space, searcher=kind, trials=9, seed=seed), results, count=6)
+
+    low_lr_good = {0: 30.0, 1: 70.0, 2: 35.0}  # the start-up draws (9 // 3 = 3) ranked one way ...
+    low_lr_bad = {0: 70.0, 1: 30.0, 2: 65.0}  # ... and the other
+    first = search(low_lr_good)
+    assert first == search(low_lr_good)  # reproducible
+    searcher = make_searcher(space, searcher="tpe", trials=9, seed=0)
+    _suggestions(searcher, low_lr_good, count=2)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune saves its searcher with the experiment's state
+    other = search(low_lr_bad)
+    assert first[:3] == other[:3]  # the start-up draws depend on the seed only
+    assert first[3:] != other[3:]  # the model's suggestions depend on the results
+    assert search(low_lr_good, seed=1)[:3] != first[:3]
+    for config in first + other:  # every suggestion is a complete, valid trial configuration
+        assert 1e-4 <= config["lr"] <= 1e-1 and (config["s_min"], config["s_max"]) in space.scales
+        assert config["label_smoothing"] == profile.train.label_smoothing
+    # TPE's first model-based suggestion lies nearer (in log lr) the start-up trial that won than the one that lost
+    for configs, (winner, loser) in ((first, (0, 1)), (other, (1, 0))):
+        distance = [abs(math.log(configs[3]["lr"] / configs[index]["lr"])) for index in (winner, loser)]
+        assert distance[0] < distance[1], [config["lr"] for config in configs]
+
+
+def test_overlays_set_only_their_profile_keys(tiny_params, tmp_path):
+    from pipelines.params import overlay_overrides
+
+    overlay = tmp_path / "A-low.yaml"
+    overlay.write_text("profiles:\n  tiny: {train: {lr: 0.0123}, scales: {jitter: {s_min: 48}}}\n"
+                       "  paper: {train: {lr: 0.5}}\n")
+    assert overlay_overrides(overlay, "tiny") == ["train.lr=0.0123", "scales.jitter.s_min=48"]
+    assert overlay_overrides(overlay, "small") == []
+    tuned = load_profile(tiny_params, overlays=[overlay])
+    assert (tuned.train.lr, tuned.scales.jitter.s_min, tuned.scales.jitter.s_max) == (
+        0.0123, 48, load_profile(tiny_params).scales.jitter.s_max)
+    assert load_profile(tiny_params, overlays=[overlay], overrides=["train.lr=0.02"]).train.lr == 0.02  # --set wins
+    for text, message in (("[1, 2]\n", "expected a top-level 'profiles:' mapping"),
+                          ("profiles:\n  tiny: {train: {nope: 1}}\n", r"profiles\.tiny\.train\.nope: unknown key")):
+        overlay.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_profile(tiny_params, overlays=[overlay])
+    with pytest.raises(ConfigError, match=r"^--overlay: file not found: "):
+        load_profile(tiny_params, overlays=[tmp_path / "missing.yaml"])
+
+
+def _dvc_env(ray_cluster: dict) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               RAY_ADDRESS=ray_cluster["address"], RAY_USAGE_STATS_ENABLED="0",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid")
+    return env
+
+
+@pytest.mark.slow
+def test_tuning_is_a_dvc_step_whose_values_reach_the_training_stage(tiny_params, ray_cluster, tmp_path):
+    """The tune pipeline (tune/dvc.yaml) in a temporary repository on the tiny profile: the protocol's `dvc repro`
+    does not run it; `dvc repro tune/dvc.yaml:scratch@A` does (three TPE trials, one at a time), writes the tuned
+    params file and records the search; ASHA stopped at epoch 1 each trial whose epoch-1 error was behind the best
+    quarter of those before it, and only those; A's training stage then reads the tuned lr (its params in
+    dvc.lock, its checkpoint's profile). A search of the jittered stage from that A fine-tunes it
+    (train.fine_tune_lr) from its weights."""
+    from tests.conftest import make_project
+
+    env = _dvc_env(ray_cluster)
+    root = make_project(tmp_path / "project", tiny_params, env, max_epochs=1)
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    settings = yaml.safe_load((root / "tune/params.yaml").read_text())
+    settings.update(trials=3, trial_slots=1, max_epochs=2, time_budget=1200, searcher="tpe")
+    (root / "tune/params.yaml").write_text(yaml.safe_dump(settings))
+    tuned_file = root / "tune/A-low.yaml"
+    tuned_file.write_text("profiles:\n  paper: {train: {lr: 0.02}}\n")  # another profile's tuned values stay
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "tune settings"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+
+    # On demand only: the protocol's pipeline (what `dvc repro` runs) holds no tune stage, the tune pipeline does
+    stages = subprocess.run(dvc + ["stage", "list", "--name-only"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "train-scratch@A" in stages.stdout.split() and "scratch@A" not in stages.stdout.split(), stages.stderr
+    stages = subprocess.run(dvc + ["stage", "list", "--name-only", "tune/dvc.yaml"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert "tune/dvc.yaml:scratch@A" in stages.stdout.split(), stages.stdout
+
+    run = subprocess.run(dvc + ["repro", "tune/dvc.yaml:scratch@A"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=TUNE_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    search = json.loads((root / "tune/A-low.search.json").read_text())
+    assert (search["searcher"], search["regime"], search["lr_key"], len(search["rows"])) == (
+        "tpe", "scratch", "train.lr", 3)
+    tuned = yaml.safe_load(tuned_file.read_text())["profiles"]
+    assert tuned["paper"] == {"train": {"lr": 0.02}}
+    assert tuned["tiny"]["train"] == {"lr": search["best"]["lr"]}
+    lock = yaml.safe_load((root / "tune/dvc.lock").read_text())["stages"]["scratch@A"]
+    assert lock["params"]["tune/params.yaml"]["trials"] == 3 and "tune/A-low.search.json" in str(lock["outs"])
+    # MLflow (the project's local store): the search's parent run, named in the search record, with its children
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    parent = client.get_run(search["mlflow_run_id"])
+    assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    assert len(children) == 3
+    # ASHA (one rung at epoch 1, reduction factor 4): a trial goes on unless its epoch-1 error is above the 25th
+    # percentile of the epoch-1 errors of the trials before it (in start order: one slot)
+    earlier: list[float] = []
+    stopped = 0
+    for child in children:
+        (first,) = [m.value for m in client.get_metric_history(child.info.run_id, "val/top1_err") if m.step == 1]
+        epochs = len(client.get_metric_history(child.info.run_id, "val/top1_err"))
+        behind = bool(earlier) and first > float(np.percentile(earlier, 25))
+        assert (child.data.tags["outcome"], epochs) == (("stopped", 1) if behind else ("completed", 2)), (
+            first, earlier)
+        stopped += behind
+        earlier.append(first)
+    assert stopped >= 1  # the seeded trials on the tiny data: at least one falls behind
+    # One slot: each trial started after the one before it had ended (its own records: its start, its end or, when
+    # ASHA ended it from outside, its last result's whole-second timestamp)
+    spans = []
+    for record in (root / "ray_results").glob(f"tune-*/*/{INTERVAL_FILE}"):
+        interval = json.loads(record.read_text())
+        results = [json.loads(line) for line in (record.parent / "result.json").read_text().splitlines()]
+        spans.append((interval["start"], interval.get("end", max(result["timestamp"] for result in results))))
+    spans.sort()
+    assert len(spans) == 3 and all(later[0] >= earlier[1] - 1 for earlier, later in zip(spans, spans[1:])), spans
+
+    status = subprocess.run(dvc + ["status", "--json"], cwd=root, env=env, capture_output=True, text=True)
+    assert "train-scratch@A" in json.loads(status.stdout)  # its tuned params changed
+    train = subprocess.run(dvc + ["repro", "train-scratch@A"], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=TUNE_TIMEOUT_S)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train-scratch@A"]
+    assert lock["params"]["tune/A-low.yaml"]["profiles"]["tiny"]["train"]["lr"] == search["best"]["lr"]
+    model = root / "runs/tiny/A-low.pt"
+    assert torch.load(model, weights_only=True, mmap=True)["profile"]["train"]["lr"] == search["best"]["lr"]
+    # New search settings change the tune stage only: training does not wait on a search
+    settings["trials"] = 4
+    (root / "tune/params.yaml").write_text(yaml.safe_dump(settings))
+    again = subprocess.run(dvc + ["repro", "train-scratch@A"], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout[-2000:]
+    status = subprocess.run(dvc + ["status", "--json", "tune/dvc.yaml"], cwd=root, env=env, capture_output=True,
+                            text=True)
+    assert any("scratch@A" in stage for stage in json.loads(status.stdout)), status.stdout
+
+    # The jittered stage's regime: fine-tuning A from that model searches train.fine_tune_lr and starts from its
+    # weights (at an lr of 1e-8 one epoch leaves them as they were; a fresh start would not).
+    out = tmp_path / "A-jitter.yaml"
+    command = [str(Path(sys.executable).parent / "vgg"), "tune", "--config", "A", "--scale", "jitter", "--init",
+               str(model), "--lr-range", "1e-8", "2e-8", "--s-min", "40", "--s-max", "64", "--trials", "1",
+               "--max-epochs", "1", "--no-track", "--storage", str(tmp_path / "ray"), "--out", str(out),
+               "--shards", "data/tiny/shards", "--results", str(tmp_path / "search.json")]
+    tune_run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=TUNE_TIMEOUT_S)
+    assert tune_run.returncode == 0, tune_run.stdout[-3000:] + tune_run.stderr[-3000:]
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert (search["regime"], search["lr_key"]) == ("fine-tune", "train.fine_tune_lr")
+    assert yaml.safe_load(out.read_text())["profiles"]["tiny"]["train"] == {"fine_tune_lr": search["best"]["lr"]}
+    (trial_checkpoint,) = (tmp_path / "ray").glob(f"train-{search['best']['trial']}/**/checkpoint.pt")
+    trial = torch.load(trial_checkpoint, weights_only=True, mmap=True)
+    start = torch.load(model, weights_only=True, mmap=True)
+    assert trial["profile"]["train"]["fine_tune_lr"] == search["best"]["lr"]
+    assert trial["profile"]["train"]["lr"] == load_profile(root / "params.yaml").train.lr  # not searched
+    for name, weights in start["model"].items():
+        assert torch.allclose(trial["model"][name].float(), weights.float(), atol=1e-4), name
+
+
+def test_the_library_and_the_random_searcher_need_no_optuna(profile):
+    """Optuna is imported by `--searcher tpe` only: every vgg/ module, and `vgg tune`'s module with its random and
+    grid plans, import and run where it is missing."""
+    code = """
+import importlib, pkgutil, sys
+sys.modules["optuna"] = None  # `import optuna` now fails, as where it is not installed
+import vgg
+for module in pkgutil.walk_packages(vgg.__path__, "vgg."):
+    importlib.import_module(module.name)
+from pipelines.params import load_profile
+from pipelines.ray_tune import check_space, make_searcher
+from pathlib import Path
+profile = load_profile(Path(sys.argv[1]))
+space = check_space(profile, scale_key="low", lr_range=(1e-3, 1e-1), s_min_range=(40,), s_max_range=(40,), trials=3,
+                    max_epochs=1, time_budget_s=60)
+for kind in ("random", "grid"):
+    make_searcher(space, searcher=kind, trials=3, seed=0)
+try:
+    make_searcher(space, searcher="tpe", trials=3, seed=0)
+except ImportError:
+    print("tpe needs optuna")
+"""
+    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1] / "params.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "tpe needs optuna"
+
+
+def test_the_grid_spans_the_lr_range_evenly_in_log_lr(profile):
+    from pipelines.ray_tune import grid_plan
+
+    space = check_space(profile, scale_key="low", lr_range=(1e-4, 1e-1), s_min_range=(40,), s_max_range=(40,),
+                        trials=4, max_epochs=1, time_budget_s=60)
+    assert [trial["lr"] for trial in grid_plan(space, trials=4)] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
+    assert {(t["s_min"], t["s_max"], t["label_smoothing"]) for t in grid_plan(space, trials=4)} == {(40, 40, 0.0)}
+    wide = check_space(profile, scale_key="jitter", lr_range=(1e-4, 1e-1), s_min_range=(40, 48), s_max_range=(64,),
+                       trials=4, max_epochs=1, time_budget_s=60)
+    with pytest.raises(ConfigError, match=r"^--searcher grid: spans the lr only; give one Smin, one Smax"):
+        grid_plan(wide, trials=4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--searcher", "bayes"], r"^error: --searcher: unknown searcher 'bayes'; choose one of random, tpe, grid$"),
+        (["--trial-slots", "9"], r"^error: --trial-slots: 9 trials at once need 9x the resources of one trial but "
+                                 r"the Ray cluster holds 4; lower it, or pass 0 for as many as it holds$"),
+        (["--searcher", "grid", "--s-min", "40,48"], r"^error: --searcher grid: spans the lr only"),
+        (["--out", "notes.yaml"], r"^error: --out notes\.yaml: exists but is not a params overlay"),
+    ],
+)
+def test_bad_search_options_are_one_line(tiny_params, tiny_shards, ray_cluster, tmp_path, options, message):
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_USAGE_STATS_ENABLED": "0"}
+    (tmp_path / "notes.yaml").write_text("notes: not tuned values\n")
+    command = [str(Path(sys.executable).parent / "vgg"), "tune", "--params", str(tiny_params), "--config", "A",
+               "--shards", str(tiny_shards), "--s-max", "64", "--trials", "9", "--max-epochs", "1", "--no-track",
+               "--storage", "ray", *options]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert re.match(message, run.stderr.strip().splitlines()[-1]) and "Traceback" not in run.stderr
+    assert not list((tmp_path / "ray").glob("tune-*/*/result.json"))  # no trial ran
