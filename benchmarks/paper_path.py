@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -65,6 +66,7 @@ from vgg.data.loader import batches_per_epoch, train_batches  # noqa: E402
 from vgg.data.preprocessing import ALPHA_STD, Preprocess  # noqa: E402
 from vgg.data.samples import iter_samples  # noqa: E402
 from vgg.data.shard_format import read_index, read_stats  # noqa: E402
+from vgg.files import write_atomic  # noqa: E402
 from vgg.models import build, checkpoint  # noqa: E402
 from vgg.models.io import load_model  # noqa: E402
 
@@ -294,9 +296,10 @@ def projection(result: dict[str, Any], profile: Profile, *, epochs: int, decode:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="JSON results file (logs and data go beside it)")
+    parser.add_argument("out", type=Path, help="JSON results file")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (automatic without CUDA)")
-    parser.add_argument("--data-dir", type=Path, help="generated data, reused when complete (default: OUT's folder)")
+    parser.add_argument("--work-dir", type=Path, help="data, models and command logs (default: beside OUT); "
+                        "generated data there is reused when complete")
     parser.add_argument("--micro-batch", type=int, help="images per GPU per step (default: the profile's)")
     parser.add_argument("--loader-workers", type=int, help="loader processes per GPU (default: the profile's)")
     parser.add_argument("--decodes", nargs="+", choices=DECODES, default=list(DECODES),
@@ -309,9 +312,11 @@ def main() -> int:
     tiny = args.tiny or not torch.cuda.is_available()
     setup = TINY if tiny else DEVICE
     device = torch.device("cpu" if tiny else "cuda")
+    if tiny:  # the in-process arms on one thread, as the one-CPU Ray Train worker computes (on a busy host, two
+        torch.set_num_threads(1)  # OpenMP threads waiting on each other made the same step ~40x slower)
     cpus = os.cpu_count() or 1
-    work = args.out.resolve().parent / f"paper_path-{setup.name}"
-    data_dir = (args.data_dir or work / "data").resolve()
+    work = (args.work_dir or args.out.parent / f"paper_path-{setup.name}").resolve()
+    data_dir = work / "data"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     paper = load_profile(ROOT / "params.yaml", profile="paper")
@@ -328,14 +333,15 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": device_name, "cpus": cpus,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "ray": ray.__version__},
-        "profile_sets": sets, "micro_batch": micro, "loader_workers": profile.data.loader_workers,
+        "work_dir": str(work), "profile_sets": sets, "micro_batch": micro, "loader_workers": profile.data.loader_workers,
         "peak_tflops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else (
             "datasheet dense bf16 (benchmarks/gpu.py NOMINAL_BF16_TFLOPS; H100 SXM 989.4)" if peak else None),
         "errors": {}, "skipped": [], "seconds": {},
     }
 
-    def save() -> None:
-        bench._write_json(args.out, result)
+    def save() -> None:  # after every section: a run stopped at its time limit keeps what it finished
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
 
     def section(name: str, run: Callable[[], Any], *, optional: bool = True) -> Any:
         if optional and time.perf_counter() - started > args.budget_s:
@@ -433,9 +439,10 @@ def main() -> int:
     # 4-5. The user's commands, on one local Ray (as `vgg demo` runs them): training with the first decode option,
     # its evaluation, then the other decode options (the first to go when the time budget runs out).
     def train_run(decode: str, ray_env: dict[str, str]) -> dict[str, Any]:
-        out = work / f"D-{decode}.pt"
+        out, storage = work / f"D-{decode}.pt", work / f"ray_results-{decode}"
+        shutil.rmtree(storage, ignore_errors=True)  # else `vgg train` resumes (or adopts) an earlier run of it
         wall, stdout = run_vgg(["train", "--config", "D", "--scale", "low", "--shards", str(view), "--out", str(out),
-                                "--storage", str(work / "ray_results"), "--no-track", "--stage", f"paper-path-{decode}",
+                                "--storage", str(storage), "--no-track", "--stage", f"paper-path-{decode}",
                                 *common, "--set", f"data.decode={decode}"],
                                env=ray_env, log=work / f"train-{decode}.log", cwd=work)
         match = RATE.search(stdout)
