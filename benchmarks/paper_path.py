@@ -338,7 +338,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": device_name, "cpus": cpus,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "ray": ray.__version__},
-        "work_dir": str(work), "profile_sets": sets, "micro_batch": micro, "loader_workers": profile.data.loader_workers,
+        "work_dir": str(work), "profile_sets": sets, "micro_batch": micro,
+        "loader_workers": profile.data.loader_workers,
         "peak_tflops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else (
             "datasheet dense bf16 (benchmarks/gpu.py NOMINAL_BF16_TFLOPS; H100 SXM 989.4)" if peak else None),
         "errors": {}, "skipped": [], "seconds": {},
@@ -585,7 +586,8 @@ def print_table(result: dict[str, Any]) -> None:
     print("\ngoals (issue 23, one H100):")
     for key, goal in result["goal"].items():
         value = goal["value"]
-        print(f"  {key:<26} {('-' if value is None else f'{value:.3g}'):>9}  target {goal['target']}  met: {goal['met']}")
+        shown = "-" if value is None else f"{value:.3g}"
+        print(f"  {key:<26} {shown:>9}  target {goal['target']}  met: {goal['met']}")
     for name in result["skipped"]:
         print(f"SKIPPED (time budget): {name}")
     for name, error in result["errors"].items():
