@@ -67,6 +67,22 @@ def test_projection_adds_epochs_times_imagenet_over_eight_gpus_and_scales_evalua
     assert paper_path.projection({"train": {}}, paper, epochs=74, decode="cpu", gflop=flops.__getitem__) is None
 
 
+@pytest.mark.parametrize("setup", [paper_path.DEVICE, paper_path.TINY], ids=lambda setup: setup.name)
+def test_each_setup_is_a_valid_paper_profile_whose_data_has_the_models_classes(setup):
+    """What `vgg train` checks before training (the GPU setup cannot run here): the overrides make a valid paper
+    profile, and the generated shards have as many classes as the model."""
+    paper = load_profile(ROOT / "params.yaml", profile="paper")
+    micro = setup.micro_batch or paper.train.micro_batch
+    sets = paper_path.profile_sets(setup, micro_batch=micro, epochs=setup.epochs, loader_workers=None)
+    profile = load_profile(ROOT / "params.yaml", profile="paper", overrides=sets)
+    assert profile.synth.classes == profile.model.num_classes and profile.synth.jpeg == "imagenet"
+    assert profile.train.workers == 1 and profile.train.accumulation == 1 and profile.train.max_epochs == 2
+    assert profile.synth.classes * profile.synth.train_per_class >= 4 * micro  # steps enough before replication
+    if setup is paper_path.DEVICE:  # the paper's model and recipe, on one GPU
+        assert profile.model == paper.model and profile.scales == paper.scales
+        assert profile.train.use_gpu and profile.train.compile and profile.eval.device == "ray"
+
+
 @pytest.mark.slow
 def test_tiny_run_goes_through_every_command_and_writes_its_table_and_json(tmp_path):
     out = tmp_path / "paper_path.json"
