@@ -166,10 +166,11 @@ def matmul_ceiling(n: int, device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best / 1e12
 
 
-def forward_gflop(*, width: float, fc_width: int, num_classes: int, crop: int) -> float:
-    """GFLOP of one image's VGG-16 forward pass, counted on a meta-device model (no memory, no compute)."""
+def forward_gflop(*, width: float, fc_width: int, num_classes: int, crop: int, config: str = "D") -> float:
+    """GFLOP of one image's forward pass of `config` (VGG-16 = D), counted on a meta-device model (no memory, no
+    compute)."""
     with torch.device("meta"):
-        model = build("D", num_classes=num_classes, width=width, fc_width=fc_width, crop=crop)
+        model = build(config, num_classes=num_classes, width=width, fc_width=fc_width, crop=crop)
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, 3, crop, crop))
     return counter.get_total_flops() / 1e9

@@ -144,3 +144,48 @@ def test_mean_colour_does_not_give_the_class_away():
     predicted = np.linalg.norm(test[:, :, None, :] - centres[None, None], axis=-1).argmin(-1)
     accuracy = (predicted == np.arange(10)[:, None]).mean()
     assert accuracy < 0.2, f"mean RGB separates classes: {accuracy:.0%} vs 10% chance"
+
+
+def quality_of(image: Image.Image, tables: dict[tuple[int, ...], int]) -> int | None:
+    """The JPEG quality whose (PIL/libjpeg) luma quantisation table the file carries; None if none matches."""
+    return tables.get(tuple(image.quantization[0]))
+
+
+def test_imagenet_files_match_imagenet_statistics_within_tolerance(tmp_path):
+    """`synth.jpeg: imagenet` on a sample of 120 train images: mean file size 110 KB ± 20%, mean size 400 × 350 px
+    ± 10%, quality 96 on 70% ± 15% of files, 4:4:4 chroma on 75% ± 15%, a quarter ± 12% portrait, 4:3 the most
+    common aspect ratio (the targets and their sources: vgg.data.synthetic)."""
+    from PIL import JpegImagePlugin
+
+    from vgg.data import synthetic
+
+    config = SynthConfig(classes=10, train_per_class=12, val_per_class=1, min_side=40, max_side=90, seed=0,
+                         jpeg="imagenet")
+    synthesize(tmp_path, config)
+    files = [data for name, data in sorted(train_images(tmp_path).items())]
+    images = [Image.open(io.BytesIO(data)) for data in files]
+    plain = [image for image in images if image.format == "JPEG" and image.mode == "RGB"]  # not the quirky ones
+    assert len(files) == 120 and len(plain) >= 110
+    tables = {}
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buffer, format="JPEG", quality=quality)
+        tables[tuple(Image.open(buffer).quantization[0])] = quality
+
+    mean_kb = np.mean([len(data) for data in files]) / 1e3
+    width = np.mean([image.size[0] for image in images])
+    height = np.mean([image.size[1] for image in images])
+    assert abs(mean_kb - synthetic.IMAGENET_MEAN_KB) <= 0.2 * synthetic.IMAGENET_MEAN_KB, mean_kb
+    assert abs(width - synthetic.IMAGENET_MEAN_SIZE[0]) <= 0.1 * synthetic.IMAGENET_MEAN_SIZE[0], width
+    assert abs(height - synthetic.IMAGENET_MEAN_SIZE[1]) <= 0.1 * synthetic.IMAGENET_MEAN_SIZE[1], height
+    qualities = [quality_of(image, tables) for image in plain]
+    assert None not in qualities and min(qualities) >= 70
+    assert abs(np.mean([q == synthetic.IMAGENET_QUALITY for q in qualities]) - 0.7) <= 0.15
+    full_chroma = np.mean([JpegImagePlugin.get_sampling(image) == 0 for image in plain])
+    assert abs(full_chroma - synthetic.IMAGENET_444_SHARE) <= 0.15, full_chroma
+    assert abs(np.mean([image.size[1] > image.size[0] for image in images]) - 0.25) <= 0.12
+    ratios = [round(max(image.size) / min(image.size), 2) for image in images]
+    assert max(set(ratios), key=ratios.count) == 1.33  # 500×375 and 375×500
+    assert np.mean([max(image.size) == 500 for image in images]) >= 0.35  # Flickr's long side dominates
+    assert len({image.size for image in images}) >= 20  # and a spread around it
+

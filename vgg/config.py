@@ -68,6 +68,10 @@ class SynthConfig:
     min_side: int  # px, smallest side of generated images is drawn from [min_side, max_side]
     max_side: int
     seed: int
+    # How the files are sized and encoded: "small" = sides from [min_side, max_side], JPEG quality 70–95, 4:2:0
+    # chroma; "imagenet" = ILSVRC-2012's sizes, qualities and chroma subsampling, so files weigh ~110 KB and decode
+    # at ImageNet's cost (min_side/max_side unused; the statistics and their sources: vgg.data.synthetic).
+    jpeg: Literal["small", "imagenet"] = "small"
 
     def __post_init__(self) -> None:
         _positive(self, "classes", "train_per_class", "val_per_class", "min_side")

@@ -22,6 +22,11 @@ colour or global statistic identifies a class: all colours are drawn from the sa
 The textures have 2–4 cycles across the object, which survives the small profile's rescale to S = 40–72 px for
 objects of ≥ 25 px; small objects keep only their silhouette (hard examples, as in real data).
 
+Files (`SynthConfig.jpeg`): "small" draws the smallest side from [min_side, max_side] and encodes at quality 70–95
+with 4:2:0 chroma (small, fast files for the small profile); "imagenet" draws ILSVRC-2012's sizes and JPEG settings
+(`imagenet_size`, `imagenet_encoding`; the statistics and their sources are there), so that decoding costs what
+ImageNet's does: the paper profile's GPU figures depend on it (benchmarks/paper_path.py).
+
 Quirks of the real training set, reproduced: exactly one PNG file named `.JPEG` (train), CMYK JPEGs and grayscale
 JPEGs (3 each in train, 2 each in val, fewer when the dataset is smaller).
 """
@@ -166,19 +171,82 @@ def _image_job(job: tuple[SynthConfig, int, int, int, str | None]) -> bytes:
 
 
 def image_file(config: SynthConfig, *, split: int, label: int, index: int, quirk: str | None) -> bytes:
-    """The file's bytes: `render(...)` encoded as JPEG of a seeded quality 70–95 (or as the quirk asks)."""
+    """The file's bytes: `render(...)` encoded as JPEG of a seeded quality 70–95 with 4:2:0 chroma ("small"), or
+    with ImageNet's settings and grain ("imagenet", `imagenet_encoding`), or as the quirk asks."""
     image = render(config, split=split, label=label, index=index)
-    quality = 70 + int(np.random.default_rng((config.seed, 6, split, label, index)).integers(26))
+    if config.jpeg == "imagenet":
+        rng = np.random.default_rng((config.seed, 9, split, label, index))
+        quality, subsampling = imagenet_encoding(rng)
+        image = _grain(image, rng)
+        options = {"quality": quality, "subsampling": subsampling}
+    else:
+        options = {"quality": 70 + int(np.random.default_rng((config.seed, 6, split, label, index)).integers(26))}
     buffer = io.BytesIO()
     if quirk == "png":
         image.save(buffer, format="PNG")
     elif quirk == "cmyk":
-        image.convert("CMYK").save(buffer, format="JPEG", quality=quality)
+        image.convert("CMYK").save(buffer, format="JPEG", **options)
     elif quirk == "gray":
-        image.convert("L").save(buffer, format="JPEG", quality=quality)
+        image.convert("L").save(buffer, format="JPEG", quality=options["quality"])
     else:
-        image.save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", **options)
     return buffer.getvalue()
+
+
+# ---- ImageNet-like files (SynthConfig.jpeg = "imagenet") ------------------------------------------------------
+# What is matched, ILSVRC-2012 train set (tests/test_synthetic.py checks a generated sample against these):
+# - mean file size ≈ 110 KB: ILSVRC2012_img_train.tar holds 1,281,167 images in 147.9 GB (115 KB each with tar
+#   headers and the per-class inner tars);
+# - mean size ≈ 400 × 350 px: most photos at Flickr's 500 px long side (500×375, 375×500, 500×333, 500×500), a
+#   tail of smaller ones and a few larger (the largest beyond 2,000 px; ingest shrinks those above data.max_side);
+# - JPEG settings: most files at quality 96 without chroma subsampling (4:4:4), the rest 4:2:0 or 4:2:2 at a spread
+#   of lower qualities (M. Ehrlich, "Compression in the ImageNet dataset", 2021, a survey of every file's
+#   quantisation tables and sampling factors).
+IMAGENET_MEAN_KB = 110.0
+IMAGENET_MEAN_SIZE = (400, 350)  # px, width × height
+IMAGENET_LONG_SIDE = 500  # px
+IMAGENET_FULL_SIZE = 0.5  # share of images at the 500 px long side; of the rest most are smaller, a few larger
+IMAGENET_LARGE = 0.02  # share with a long side of 600–1,200 px
+IMAGENET_ASPECTS = ((4 / 3, 0.55), (3 / 2, 0.20), (1.0, 0.08), (16 / 9, 0.05))  # long/short; the rest U[1, 2]
+IMAGENET_PORTRAIT = 0.25  # share taller than wide
+IMAGENET_QUALITY = 96  # the common quality; QUALITY_SHARE of files have it
+IMAGENET_QUALITY_SHARE = 0.7
+IMAGENET_444_SHARE = 0.75  # 4:4:4 chroma; the rest 4:2:0 (PIL subsampling 2) or, 1 in 10, 4:2:2 (1)
+IMAGENET_GRAIN = (4.0, 8.0)  # luma grain std, grey levels: photos' fine detail, which smooth drawings lack
+
+
+def imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of an image drawn from ILSVRC-2012's size statistics (above)."""
+    draw = rng.random()
+    if draw < IMAGENET_FULL_SIZE:
+        long = IMAGENET_LONG_SIDE
+    elif draw < IMAGENET_FULL_SIZE + IMAGENET_LARGE:
+        long = int(rng.integers(600, 1201))
+    else:
+        long = int(rng.integers(160, IMAGENET_LONG_SIDE))
+    pick, aspect = rng.random(), None
+    for ratio, share in IMAGENET_ASPECTS:
+        if pick < share:
+            aspect = ratio
+            break
+        pick -= share
+    aspect = aspect if aspect is not None else float(rng.uniform(1.0, 2.0))
+    short = max(1, int(round(long / aspect)))
+    return (short, long) if rng.random() < IMAGENET_PORTRAIT else (long, short)
+
+
+def imagenet_encoding(rng: np.random.Generator) -> tuple[int, int]:
+    """(JPEG quality, PIL chroma subsampling: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0) drawn from ILSVRC-2012's (above)."""
+    quality = IMAGENET_QUALITY if rng.random() < IMAGENET_QUALITY_SHARE else int(rng.integers(70, 96))
+    draw = rng.random()
+    subsampling = 0 if draw < IMAGENET_444_SHARE else (1 if draw < IMAGENET_444_SHARE + 0.025 else 2)
+    return quality, subsampling
+
+
+def _grain(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Luma grain of a seeded strength: the fine detail that gives photos their file sizes."""
+    grain = rng.standard_normal(image.size[::-1], dtype=np.float32)[..., None] * rng.uniform(*IMAGENET_GRAIN)
+    return Image.fromarray(np.clip(np.asarray(image, np.float32) + grain + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
 # ---- drawing --------------------------------------------------------------------------------------------------
@@ -190,6 +258,9 @@ def render(config: SynthConfig, *, split: int, label: int, index: int) -> Image.
     short = int(rng.integers(config.min_side, config.max_side + 1))
     long = int(round(short * rng.uniform(1.0, 1.5)))
     width, height = (long, short) if rng.random() < 0.7 else (short, long)  # mostly landscape, as ImageNet
+    if config.jpeg == "imagenet":  # ImageNet's sizes instead, from a stream of their own
+        width, height = imagenet_size(np.random.default_rng((config.seed, 8, split, label, index)))
+        short = min(width, height)
     shape, texture, frequency = class_design(label)
 
     s = SUPERSAMPLE  # clutter is drawn at s× and box-filtered down: anti-aliased edges
