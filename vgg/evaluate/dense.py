@@ -43,8 +43,11 @@ def padded_shape(shape: tuple[int, int], multiple: int) -> tuple[int, int]:
     """The shape an image of `shape` (height, width) at scale Q is padded to: its long side rounded up to a
     multiple of `multiple` px, its short side (Q) kept, so images at one Q fall into a few shapes. 1: unchanged."""
     height, width = shape
-    short = min(height, width)
-    return tuple(side if side == short else -(-side // multiple) * multiple for side in (height, width))  # type: ignore[return-value]
+    if height > width:
+        return -(-height // multiple) * multiple, width
+    if width > height:
+        return height, -(-width // multiple) * multiple
+    return height, width
 
 
 def pad_to(views: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

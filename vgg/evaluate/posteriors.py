@@ -127,7 +127,9 @@ class EvalOptions:
         if not self.scales:
             raise ConfigError("scales: give at least one test scale Q")
         if not set(self.keep_scales) <= set(self.scales):
-            raise ConfigError(f"keep_scales: {list(self.keep_scales)} must be among the test scales {list(self.scales)}")
+            raise ConfigError(
+                f"keep_scales: {list(self.keep_scales)} must be among the test scales {list(self.scales)}"
+            )
         if self.grid < 1 or self.batch_size < 1 or self.workers < 0:
             raise ConfigError(
                 f"grid, batch_size must be >= 1 and workers >= 0; got {self.grid}, {self.batch_size}, {self.workers}"
@@ -147,7 +149,9 @@ class EvalOptions:
         """The crop, px, checked against `model` and the test scales."""
         crop = model.crop if self.crop is None else self.crop
         if crop != model.crop:
-            raise ConfigError(f"crop: {crop} px, but VGG-{model.name} was built for {model.crop} px crops; use its crop")
+            raise ConfigError(
+                f"crop: {crop} px, but VGG-{model.name} was built for {model.crop} px crops; use its crop"
+            )
         if min(self.scales) < crop:
             raise ConfigError(
                 f"scales: test scale Q={min(self.scales)} px is smaller than the crop ({crop} px); use Q >= crop"
@@ -229,8 +233,9 @@ def score_samples(
     keys: list[str] = []
     labels: list[int] = []
     # One accumulator per mode and Q, so every scale's own posteriors exist (`keep_scales`).
-    dense = {q: _Accumulator(model.num_classes, device, multiple) for q in scales} if options.mode != "multicrop" else {}
-    crops = {q: _Accumulator(model.num_classes, device, 1) for q in scales} if options.mode != "dense" else {}
+    classes = model.num_classes
+    dense = {q: _Accumulator(classes, device, multiple) for q in scales} if options.mode != "multicrop" else {}
+    crops = {q: _Accumulator(classes, device, 1) for q in scales} if options.mode != "dense" else {}
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     was_training = model.training
     model.to(device, memory_format=memory_format).eval()
