@@ -7,8 +7,8 @@ rescale to Q, views, model, softmax), every arm measured in the same run on the 
      see one image and its flip (`EvalOptions(pad_multiple=1, buffer_images=1)`: the engine before grouping by
      shape ahead of decoding);
    - `grouped`: images grouped by exact size before decoding (`pad_multiple=1`);
-   - `padded`: long side padded up to a multiple of 32 px, masked (posteriors unchanged), batches of fixed shape
-     (`pad_multiple=32`, the default on CUDA, where cuDNN then keeps its choice per shape);
+   - `padded`: long side padded up to a multiple of 32 px, masked (posteriors unchanged) (`pad_multiple=32`, the
+     default on CUDA, where batches are also padded to `batch_size` views and cuDNN keeps its choice per shape);
    - `padded bf16 NHWC`: the same under bf16 autocast with channels_last (what `precision=auto` gives on CUDA).
    Each arm's max |Δ posterior| against `old` (fp32) is printed: ~1e-7 for the fp32 arms, the bf16 tolerance for
    the last.

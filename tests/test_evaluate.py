@@ -241,13 +241,15 @@ def mixed(preprocess):
     ("dense", 32, 4, 3, 0),  # a small buffer: groups leave before they are full
     ("dense+multicrop", 32, 64, 2048, 0),  # one padded batch per shape, padded to 64 views
 ])
+@pytest.mark.parametrize("fixed_batches", [False, True])  # True: as on CUDA
 def test_grouped_dense_posteriors_equal_the_per_image_oracle(preprocess, mixed, mode, pad_multiple, batch_size,
-                                                             buffer_images, workers):
+                                                             buffer_images, workers, fixed_batches):
     """Grouping images by padded shape before decoding, padding them (masked) and padding batches leaves every
     image's fp32 posteriors what the image alone gives, in the samples' order; multi-crop is unaffected."""
     images, oracle = mixed
     options = EvalOptions(mode=mode, scales=[32, 44], keep_scales=[44], batch_size=batch_size,
-                          pad_multiple=pad_multiple, buffer_images=buffer_images, workers=workers)
+                          pad_multiple=pad_multiple, fixed_batches=fixed_batches, buffer_images=buffer_images,
+                          workers=workers)
     result = score_samples(tiny_model(), samples_of(images), options, preprocess=preprocess)
     assert result.keys == [f"k{i}" for i in range(len(images))]
     assert list(result.labels) == [i % CLASSES for i in range(len(images))]
@@ -262,7 +264,7 @@ def test_bf16_channels_last_padded_dense_stays_within_tolerance_of_the_fp32_orac
     per-image oracle, and the top-1 class unchanged where the oracle's margin exceeds that."""
     images, oracles = mixed
     options = EvalOptions(mode="dense", scales=[44], batch_size=8, precision="bf16", channels_last=True,
-                          pad_multiple=32)
+                          pad_multiple=32, fixed_batches=True)
     result = score_samples(tiny_model(), samples_of(images), options, preprocess=preprocess)
     oracle = oracles["dense", 44]
     assert result.meta["precision"] == "bf16"

@@ -99,11 +99,12 @@ class EvalOptions:
     faster for the small profile's narrow convs on CPU, see benchmarks/evaluation.py). `workers`: threads that
     decode and rescale ahead of the model (0 = inline).
     `pad_multiple`: dense images at one Q are padded (masked, so their posteriors do not change:
-    `vgg.evaluate.dense`) to their long side rounded up to a multiple of this many px, and every batch to
-    `batch_size` views, so that batches come in a few fixed shapes and cuDNN keeps its algorithm for each;
-    1 = batches of exactly equal sizes only, no padding. None: 32 (one cell of the last feature map) on CUDA,
-    1 elsewhere. `buffer_images`: at most this many images wait, still JPEG-compressed, for others of their
-    shape to fill a batch.
+    `vgg.evaluate.dense`) to their long side rounded up to a multiple of this many px, so that batches come in a
+    few shapes; 1 = batches of exactly equal sizes only, no padding. None: 32 (one cell of the last feature map)
+    on CUDA, 1 elsewhere. `fixed_batches`: every batch is padded to `batch_size` views, so that with the shapes
+    the batch size is fixed too and cuDNN, told to choose once per shape (`cudnn.benchmark`), keeps its choice
+    between batches; None: on CUDA. `buffer_images`: at most this many images wait, still JPEG-compressed, for
+    others of their shape to fill a batch.
     """
 
     mode: Mode
@@ -117,6 +118,7 @@ class EvalOptions:
     channels_last: bool = False
     workers: int = 0
     pad_multiple: int | None = None
+    fixed_batches: bool | None = None
     buffer_images: int = 2048
 
     def __post_init__(self) -> None:
@@ -171,6 +173,11 @@ class EvalOptions:
         if self.pad_multiple is not None:
             return self.pad_multiple
         return _CUDA_PAD_MULTIPLE if torch.device(self.device).type == "cuda" else 1
+
+    @property
+    def fixed(self) -> bool:
+        """`fixed_batches` resolved for the device."""
+        return torch.device(self.device).type == "cuda" if self.fixed_batches is None else self.fixed_batches
 
 
 def compute_posteriors(
@@ -227,7 +234,7 @@ def score_samples(
     device = torch.device(options.device)
     bf16 = options.bf16
     multiple = options.padding
-    fixed = multiple > 1  # fixed batch shapes: pad the batch too, and let cuDNN keep its choice per shape
+    fixed = options.fixed
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     keys: list[str] = []
@@ -275,7 +282,7 @@ def score_samples(
     groups = _grouped(recorded(), shapes, size=max(1, batch_size // 2), limit=options.buffer_images)
     benchmark = torch.backends.cudnn.benchmark
     try:
-        torch.backends.cudnn.benchmark = benchmark or (device.type == "cuda" and fixed)
+        torch.backends.cudnn.benchmark = benchmark or (device.type == "cuda" and fixed)  # one choice per shape
         with torch.inference_mode(), tqdm(total=total, unit="img", disable=not progress, desc=options.mode) as bar:
             for group in _decoded(groups, scales=scales, workers=options.workers):
                 for index, images in group:
