@@ -138,7 +138,7 @@ class EvalOptions:
             )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.pad_multiple is not None and self.pad_multiple < 1 or self.buffer_images < 1:
+        if (self.pad_multiple is not None and self.pad_multiple < 1) or self.buffer_images < 1:
             raise ConfigError(
                 f"pad_multiple, buffer_images: must be >= 1; got {self.pad_multiple}, {self.buffer_images}"
             )
