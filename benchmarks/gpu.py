@@ -71,7 +71,7 @@ from vgg.data.samples import iter_samples
 from vgg.data.shard_format import read_index, read_stats
 from vgg.data.synthetic import synthesize
 from vgg.data.transforms import TrainCrop, jpeg_size
-from vgg.evaluate.posteriors import score_samples
+from vgg.evaluate.posteriors import EvalOptions, score_samples
 from vgg.files import write_atomic
 from vgg.models import build, checkpoint
 from vgg.train import precision
@@ -341,14 +341,14 @@ def evaluation(model: nn.Module, samples: list, setup: Setup, preprocess: nn.Mod
     (ImageNet's photos, mostly 4:3 or 3:4, come in few sizes)."""
     rows = []
     for mode in ("dense", "multicrop"):
-        options = dict(mode=mode, scales=[setup.eval_q], preprocess=preprocess, batch_size=setup.eval_batch,
-                       device=device, precision=PRECISION, channels_last=True, workers=threads)
-        score_samples(model, samples[:2], **options)  # warm-up: the thread pool, the first kernels
+        options = EvalOptions(mode=mode, scales=[setup.eval_q], batch_size=setup.eval_batch, device=device,
+                              precision=PRECISION, channels_last=True, workers=threads)
+        score_samples(model, samples[:2], options, preprocess=preprocess)  # warm-up: the thread pool, the first kernels
         rates = []
         for _ in range(2):
             sync(device)
             started = time.perf_counter()
-            score_samples(model, samples, **options)
+            score_samples(model, samples, options, preprocess=preprocess)
             sync(device)
             rates.append(len(samples) / (time.perf_counter() - started))
         views = 2 if mode == "dense" else 2 * 5 * 5

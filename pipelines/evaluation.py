@@ -15,7 +15,7 @@ import torch
 from pipelines.provenance import file_sha256
 from vgg.config import EvalConfig
 from vgg.errors import ConfigError
-from vgg.evaluate.posteriors import checkpoint_meta, compute_posteriors
+from vgg.evaluate.posteriors import EvalOptions, checkpoint_meta, compute_posteriors
 from vgg.evaluate.results import Posteriors
 from vgg.models.io import TorchvisionNormalize, load_model
 
@@ -45,13 +45,13 @@ def posteriors(request: Request, device: str) -> tuple[Posteriors, ...]:
     meta = {"config": request.torchvision, "source": str(request.model)} if request.torchvision else (
         checkpoint_meta(request.model))
     meta["model_sha256"] = file_sha256(request.model)  # `vgg report` finds the model's MLflow run by it
-    result = compute_posteriors(
-        network, request.shards, request.split, mode=request.mode, scales=list(request.scales), grid=request.grid,
+    options = EvalOptions(
+        mode=request.mode, scales=request.scales, keep_scales=request.keep_scales, grid=request.grid,
         batch_size=request.batch_size, device=device, precision="auto", channels_last=request.channels_last,
-        progress=True, workers=0 if device == "cpu" else request.decode_threads,
-        preprocess=TorchvisionNormalize() if request.torchvision else None, meta=meta,
-        keep_scales=list(request.keep_scales),
+        workers=0 if device == "cpu" else request.decode_threads,
     )
+    result = compute_posteriors(network, request.shards, request.split, options, progress=True, meta=meta,
+                                preprocess=TorchvisionNormalize() if request.torchvision else None)
     return (result, *(result.at_scale(q) for q in request.keep_scales))
 
 

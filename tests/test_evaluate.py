@@ -22,7 +22,8 @@ from vgg.data.shard_format import read_stats
 from vgg.data.transforms import decode_rgb
 from vgg.errors import CheckpointError, ConfigError, DataError
 from vgg.evaluate.metrics import errors, top_k_error
-from vgg.evaluate.posteriors import checkpoint_meta, compute_posteriors, scale_meta, score_samples
+from vgg.evaluate.dense import dense_scores, pad_to, padded_shape
+from vgg.evaluate.posteriors import EvalOptions, checkpoint_meta, compute_posteriors, scale_meta, score_samples
 from vgg.evaluate.results import Posteriors, fuse
 from vgg.evaluate.views import at_scale, dense_views, grid_positions, multicrop_views
 from vgg.models import build, checkpoint
@@ -168,7 +169,8 @@ def test_dense_at_q_equal_crop_is_the_crop_classifier(preprocess):
     with torch.no_grad():
         classifier = torch.softmax(model(preprocess(dense_views(image))), dim=1).mean(dim=0)
     for mode in ("dense", "multicrop"):  # multi-crop too: all 25 crops are the whole image
-        result = score_samples(model, samples_of([data]), mode=mode, scales=[CROP], preprocess=preprocess, batch_size=4)
+        options = EvalOptions(mode=mode, scales=[CROP], batch_size=4)
+        result = score_samples(model, samples_of([data]), options, preprocess=preprocess)
         assert result.probs.shape == (1, CLASSES)
         np.testing.assert_allclose(result.probs[0], classifier.numpy(), rtol=1e-5, atol=1e-6)
     assert classifier.max() > 0.2  # a real, non-uniform posterior
@@ -180,17 +182,101 @@ def test_batched_dense_and_multicrop_match_per_image_computation(preprocess):
     images = [jpeg(w, h, seed=i) for i, (w, h) in enumerate([(40, 32), (45, 60), (40, 32), (33, 47)])]
     q = 36
     views = [at_scale(decode_rgb(data, min_side=q), q=q) for data in images]
-    dense = score_samples(model, samples_of(images), mode="dense", scales=[q], preprocess=preprocess, batch_size=3)
-    crops = score_samples(model, samples_of(images), mode="multicrop", scales=[q], preprocess=preprocess, batch_size=7)
+    dense = score_samples(model, samples_of(images), EvalOptions(mode="dense", scales=[q], batch_size=3),
+                          preprocess=preprocess)
+    crops = score_samples(model, samples_of(images), EvalOptions(mode="multicrop", scales=[q], batch_size=7),
+                          preprocess=preprocess)
     for i, view in enumerate(views):
         np.testing.assert_allclose(dense.probs[i], softmax_dense(model, preprocess, view).numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(crops.probs[i], softmax_crops(model, preprocess, view).numpy(), rtol=1e-5, atol=1e-6)
     assert dense.keys == [f"k{i}" for i in range(4)] and list(dense.labels) == list(range(4))
-    both = score_samples(
-        model, samples_of(images), mode="dense+multicrop", scales=[q], preprocess=preprocess, batch_size=5, workers=2
-    )
+    both = score_samples(model, samples_of(images), EvalOptions(mode="dense+multicrop", scales=[q], batch_size=5,
+                                                                workers=2), preprocess=preprocess)
     np.testing.assert_allclose(both.probs, (dense.probs + crops.probs) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(dense.probs, crops.probs)  # the two modes really differ on non-square images
+
+
+# Images of many aspect ratios, a few repeated, one (70×66) decoded in the DCT at 1/2 for Q=32: at each Q they
+# fall into several shapes, and padding to a multiple of 8 or 32 px merges some of them.
+MIXED = [(40, 32), (45, 60), (40, 32), (33, 47), (70, 40), (36, 80), (50, 50), (41, 33), (70, 66), (40, 32),
+         (60, 45), (37, 52)]
+
+
+@pytest.mark.parametrize("name", ["A", "A-LRN", "C"])
+def test_padded_dense_scores_equal_each_image_alone(preprocess, name):
+    """Masked padding (vgg.evaluate.dense) is exact: 3×3 and 1×1 convs, LRN, pools and the conv-ified head."""
+    model = tiny_model(name)
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(32, 32), (32, 45), (47, 32), (32, 63), (40, 40)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in shapes]
+    target = (47, 64)
+    batch = torch.cat([pad_to(image[None], target) for image in images])
+    sizes = torch.tensor(shapes)
+    with torch.no_grad():
+        padded = dense_scores(model, preprocess(batch), sizes)
+        alone = torch.cat([model.score_map(preprocess(image[None])).mean(dim=(2, 3)) for image in images])
+        unmasked = dense_scores(model, preprocess(batch))
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked, alone, rtol=1e-3, atol=1e-3)  # padding without the mask would change them
+    assert padded_shape((32, 45), 32) == (32, 64) and padded_shape((47, 32), 32) == (64, 32)
+    assert padded_shape((40, 40), 32) == (40, 40) and padded_shape((32, 45), 1) == (32, 45)
+
+
+@pytest.fixture(scope="module")
+def mixed(preprocess):
+    """MIXED's JPEGs and their per-image oracle posteriors, dense and multi-crop, at Q = 32 and 44."""
+    model = tiny_model()
+    images = [jpeg(w, h, seed=i) for i, (w, h) in enumerate(MIXED)]
+    oracle = {}
+    for q in (32, 44):
+        views = [at_scale(decode_rgb(data, min_side=q), q=q) for data in images]
+        oracle["dense", q] = torch.stack([softmax_dense(model, preprocess, view) for view in views]).numpy()
+        oracle["multicrop", q] = torch.stack([softmax_crops(model, preprocess, view) for view in views]).numpy()
+    return images, oracle
+
+
+@pytest.mark.parametrize("mode, pad_multiple, batch_size, buffer_images, workers", [
+    ("dense", 1, 4, 2048, 0),  # exact shapes only
+    ("dense", 8, 6, 2048, 2),
+    ("dense", 32, 4, 3, 0),  # a small buffer: groups leave before they are full
+    ("dense+multicrop", 32, 64, 2048, 0),  # one padded batch per shape, padded to 64 views
+])
+@pytest.mark.parametrize("fixed_batches", [False, True])  # True: as on CUDA
+def test_grouped_dense_posteriors_equal_the_per_image_oracle(preprocess, mixed, mode, pad_multiple, batch_size,
+                                                             buffer_images, workers, fixed_batches):
+    """Grouping images by padded shape before decoding, padding them (masked) and padding batches leaves every
+    image's fp32 posteriors what the image alone gives, in the samples' order; multi-crop is unaffected."""
+    images, oracle = mixed
+    options = EvalOptions(mode=mode, scales=[32, 44], keep_scales=[44], batch_size=batch_size,
+                          pad_multiple=pad_multiple, fixed_batches=fixed_batches, buffer_images=buffer_images,
+                          workers=workers)
+    result = score_samples(tiny_model(), samples_of(images), options, preprocess=preprocess)
+    assert result.keys == [f"k{i}" for i in range(len(images))]
+    assert list(result.labels) == [i % CLASSES for i in range(len(images))]
+    parts = mode.split("+")
+    at = {q: sum(oracle[part, q] for part in parts) / len(parts) for q in (32, 44)}
+    np.testing.assert_allclose(result.probs, (at[32] + at[44]) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.at_scale(44).probs, at[44], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_channels_last_padded_dense_stays_within_tolerance_of_the_fp32_oracle(preprocess, mixed):
+    """bf16 autocast with channels_last on padded batches: every posterior within 0.02 (absolute) of the fp32
+    per-image oracle, and the top-1 class unchanged where the oracle's margin exceeds that."""
+    images, oracles = mixed
+    options = EvalOptions(mode="dense", scales=[44], batch_size=8, precision="bf16", channels_last=True,
+                          pad_multiple=32, fixed_batches=True)
+    result = score_samples(tiny_model(), samples_of(images), options, preprocess=preprocess)
+    oracle = oracles["dense", 44]
+    assert result.meta["precision"] == "bf16"
+    np.testing.assert_allclose(result.probs, oracle, atol=BF16_ATOL)
+    assert not np.array_equal(result.probs, oracle)  # autocast really ran in bf16
+    top2 = np.sort(oracle, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * BF16_ATOL
+    assert clear.any()
+    np.testing.assert_array_equal(result.probs[clear].argmax(axis=1), oracle[clear].argmax(axis=1))
+
+
+BF16_ATOL = 0.02  # absolute, on softmax probabilities: bf16 keeps 8 bits of mantissa through 8+ layers
 
 
 def test_multi_scale_is_the_mean_of_single_scales_and_keeps_them(preprocess):
@@ -198,9 +284,11 @@ def test_multi_scale_is_the_mean_of_single_scales_and_keeps_them(preprocess):
     # 70×66 is decoded in the DCT at 1/2 for Q=32 but at full size for Q=48: each Q sees what a single-scale
     # pass at that Q sees. 40×33 and 50×60 are never reduced.
     samples = samples_of([jpeg(w, h, seed=i) for i, (w, h) in enumerate([(40, 33), (50, 60), (70, 66)])])
-    options = dict(mode="dense+multicrop", preprocess=preprocess, batch_size=64, channels_last=True)
-    multi = score_samples(model, samples, scales=[32, 48], keep_scales=[48, 32], **options)
-    singles = [score_samples(model, samples, scales=[q], **options) for q in (32, 48)]
+    options = dict(mode="dense+multicrop", batch_size=64, channels_last=True)
+    multi = score_samples(model, samples, EvalOptions(scales=[32, 48], keep_scales=[48, 32], **options),
+                          preprocess=preprocess)
+    singles = [score_samples(model, samples, EvalOptions(scales=[q], **options), preprocess=preprocess)
+               for q in (32, 48)]
     np.testing.assert_allclose(multi.probs, np.mean([s.probs for s in singles], axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(multi.probs.sum(axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(singles[0].probs, singles[1].probs, atol=1e-3)  # the scales really differ
@@ -212,16 +300,16 @@ def test_multi_scale_is_the_mean_of_single_scales_and_keeps_them(preprocess):
     with pytest.raises(ConfigError, match="Q=40 px: no single-scale posteriors kept"):
         multi.at_scale(40)
     with pytest.raises(ConfigError, match=r"keep_scales: \[40\] must be among the test scales \[32, 48\]"):
-        score_samples(model, samples, scales=[32, 48], keep_scales=[40], **options)
+        EvalOptions(scales=[32, 48], keep_scales=[40], **options)
 
 
 def test_bf16_autocast_and_channels_last_stay_close_to_fp32(preprocess):
     samples = samples_of([jpeg(40, 36, seed=i) for i in range(2)])
-    options = dict(mode="dense+multicrop", scales=[32], preprocess=preprocess)
-    fp32 = score_samples(tiny_model(), samples, **options)
-    nhwc = score_samples(tiny_model(), samples, channels_last=True, **options)
+    options = EvalOptions(mode="dense+multicrop", scales=[32])
+    fp32 = score_samples(tiny_model(), samples, options, preprocess=preprocess)
+    nhwc = score_samples(tiny_model(), samples, dataclasses.replace(options, channels_last=True), preprocess=preprocess)
     np.testing.assert_allclose(nhwc.probs, fp32.probs, rtol=1e-4, atol=1e-5)
-    bf16 = score_samples(tiny_model(), samples, precision="bf16", **options)
+    bf16 = score_samples(tiny_model(), samples, dataclasses.replace(options, precision="bf16"), preprocess=preprocess)
     assert bf16.meta["precision"] == "bf16" and fp32.meta["precision"] == "fp32"
     assert bf16.probs.dtype == np.float32
     np.testing.assert_allclose(bf16.probs, fp32.probs, atol=0.03)
@@ -231,7 +319,7 @@ def test_bf16_autocast_and_channels_last_stay_close_to_fp32(preprocess):
 def test_compute_posteriors_over_shards_saves_and_loads(shards, tmp_path):
     model = tiny_model()
     result = compute_posteriors(
-        model, shards, "val", mode="dense", scales=[32, 40], batch_size=4, progress=True,
+        model, shards, "val", EvalOptions(mode="dense", scales=[32, 40], batch_size=4), progress=True,
         meta={"train_scale": scale_meta(ScaleRange(32, 48), kind="jitter")},
     )  # fmt: skip
     assert result.keys == [f"val_{i:05d}" for i in range(5)]
@@ -250,15 +338,24 @@ def test_compute_posteriors_over_shards_saves_and_loads(shards, tmp_path):
 def test_bad_evaluation_input_is_a_one_line_error(shards, tmp_path):
     model = tiny_model()
     with pytest.raises(ConfigError, match="Q=24 px is smaller than the crop"):
-        compute_posteriors(model, shards, "val", mode="dense", scales=[24, 32])
+        compute_posteriors(model, shards, "val", EvalOptions(mode="dense", scales=[24, 32]))
     with pytest.raises(ConfigError, match="unknown evaluation mode 'tencrop'"):
-        compute_posteriors(model, shards, "val", mode="tencrop", scales=[32])
+        EvalOptions(mode="tencrop", scales=[32])
     with pytest.raises(DataError, match="'train' has no images"):
-        compute_posteriors(model, shards, "train", mode="dense", scales=[32])
+        compute_posteriors(model, shards, "train", EvalOptions(mode="dense", scales=[32]))
     with pytest.raises(ConfigError, match="crop: 64 px, but VGG-A was built for 32 px crops"):
-        compute_posteriors(model, shards, "val", mode="multicrop", scales=[64], crop=64)
+        compute_posteriors(model, shards, "val", EvalOptions(mode="multicrop", scales=[64], crop=64))
     with pytest.raises(DataError, match="model has 3 classes but the shards have 10"):
-        compute_posteriors(tiny_model(classes=3), shards, "val", mode="dense", scales=[32])
+        compute_posteriors(tiny_model(classes=3), shards, "val", EvalOptions(mode="dense", scales=[32]))
+    for bad, message in [
+        (dict(scales=[]), "give at least one test scale Q"),
+        (dict(batch_size=0), "grid, batch_size must be >= 1"),
+        (dict(precision="fp16"), "precision: must be auto, fp32 or bf16, got 'fp16'"),
+        (dict(pad_multiple=0), "pad_multiple, buffer_images: must be >= 1"),
+        (dict(device="gpu7"), "device: not a torch device: 'gpu7'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            EvalOptions(**{"mode": "dense", "scales": [32], **bad})
     with pytest.raises(DataError, match="posteriors file not found"):
         Posteriors.load(tmp_path / "missing.npz")
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
@@ -317,7 +414,7 @@ def test_fusion_is_the_mean_of_posteriors():
 def test_fusion_of_a_model_with_itself_is_the_model(preprocess):
     model = tiny_model()
     samples = samples_of([jpeg(40, 36, seed=i) for i in range(3)])
-    single = score_samples(model, samples, mode="multicrop", scales=[32], preprocess=preprocess)
+    single = score_samples(model, samples, EvalOptions(mode="multicrop", scales=[32]), preprocess=preprocess)
     fused = fuse([single, single])
     np.testing.assert_allclose(fused.probs, single.probs, rtol=1e-6)
     assert errors(fused) == errors(single)
