@@ -15,6 +15,7 @@ callback), never by workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.cluster import ClusterError, connect, placeable, user_error
 from pipelines.ray_train import TrainJob, check_job, fit_trainer, off_main_thread
-from pipelines.tracking import TrackedRun, end_status, flatten, git_commit, tracking_uri
+from pipelines.tracking import TrackedRun, flatten, git_commit, tracking_uri
 from vgg.config import Profile, ScaleRange
 from vgg.errors import CheckpointError, ConfigError, DivergenceError
 from vgg.files import write_atomic
@@ -162,7 +163,7 @@ def tune(
     name = _experiment_name(base, space=space, trials=trials, max_epochs=max_epochs, searcher=searcher)
     parent = _parent_run(base, space=space, trials=trials, max_epochs=max_epochs, time_budget_s=time_budget_s,
                          mode=mode, searcher=searcher) if track else None
-    try:
+    with parent if parent is not None else contextlib.nullcontext():  # ends the run by how the search ended
         connect()
         _check_capacity(profile)
         slots = trial_slots_for(profile, requested=trial_slots, trials=trials)
@@ -199,12 +200,6 @@ def tune(
             parent.client.set_tag(parent.run_id, "best_trial", best.trial)
             parent.log_dict({"rows": [dataclasses.asdict(row) for row in rows]}, "tune_results.json")
             parent.log_artifact(out)
-    except BaseException as error:
-        if parent is not None:
-            parent.finish(end_status(error))
-        raise
-    if parent is not None:
-        parent.finish()
     return rows
 
 
