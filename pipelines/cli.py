@@ -151,9 +151,8 @@ def evaluate(
     set_: SetOption = None,
 ) -> None:
     """Per-image softmax posteriors of one model in one evaluation mode, saved for fusion and the report."""
-    from vgg.config import ScaleRange
     from vgg.evaluate.metrics import errors
-    from vgg.models import checkpoint
+    from vgg.evaluate.scales import choose_scales
 
     from pipelines.evaluation import Request, run
     from vgg.files import check_writable
@@ -164,19 +163,10 @@ def evaluate(
             check_writable(path.parent, option)  # one line now, not after minutes of evaluation
     if single_out is not None and scales != "multi":
         raise ConfigError("--single-out: only with --scales multi (the single-scale Q is one of the three)")
-    if scales in ("single", "multi"):
-        if torchvision:
-            raise ConfigError("--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
-        scale = ScaleRange(**checkpoint.read_header(model)["scale"])
-        q = [scale.single_q] if scales == "single" else list(scale.multi_q(resolved.eval.q_offset))
-    else:
-        try:
-            q = [int(value) for value in scales.split(",")]
-        except ValueError:
-            raise ConfigError(f"--scales: expected single, multi or a list of px like 256,384,512, got {scales!r}") from None
+    chosen = choose_scales(scales, model=None if torchvision else model, q_offset=resolved.eval.q_offset)
     request = Request(
         model=model.absolute(), torchvision=torchvision, shards=shards.absolute(), split=split, mode=mode,
-        scales=tuple(q), keep_scales=(scale.single_q,) if single_out else (), grid=resolved.eval.grid,
+        scales=chosen.scales, keep_scales=(chosen.single,) if single_out else (), grid=resolved.eval.grid,
         batch_size=resolved.eval.batch_size, channels_last=resolved.train.channels_last,
         decode_threads=resolved.data.loader_workers,
     )

@@ -38,6 +38,7 @@ from vgg.config import Profile
 from vgg.data.loader import batches_per_epoch, train_batches
 from vgg.data.preprocessing import Preprocess
 from vgg.data.shard_format import read_index, read_stats
+from vgg.errors import ConfigError
 from vgg.evaluate.results import Posteriors
 from vgg.models import checkpoint, from_config
 from vgg.models.io import load_model
@@ -150,7 +151,7 @@ def test_vgg_train_writes_a_final_model(trained_a):
     payload = checkpoint.load(trained_a.out)
     assert "train" not in payload  # a final model file, no resume state
     assert payload["config"] == "A"
-    assert payload["scale"] == {"s_min": 40, "s_max": 40}
+    assert payload["scale"] == {"s_min": 40, "s_max": 40} and payload["scale_kind"] == "low"
     model = load_model(trained_a.out)
     assert model.name == "A" and model.num_classes == 4
     assert trained_a.process.stdout.strip().splitlines()[-1].startswith(f"wrote a.pt: epoch {_epochs(trained_a)},")
@@ -575,6 +576,25 @@ def test_a_diverging_run_is_not_retried(error_runs, ray_cluster, tiny_params):
     assert len(workers) == load_profile(tiny_params).train.workers, [worker.state for worker in workers]
     assert error_runs["diverges"].stderr.rstrip().endswith("was written from these weights. Lower the learning "
                                                            "rate (train.lr)")
+
+
+def test_a_job_resolves_its_scale_and_its_init_once(tiny_params, tiny_shards, tmp_path):
+    """The scale's kind gives its S once, when the job is made (again for a Tune trial's profile); the init
+    checkpoint's configuration is read then too, not at each `lr` or `warm_start`."""
+    profile = load_profile(tiny_params)
+    init = tmp_path / "A.pt"
+    header = checkpoint.header(config="A", profile=profile, scale=profile.scale("low"))
+    checkpoint.save(init, checkpoint.final({**header, "model": from_config("A", profile.model).state_dict()}))
+    job = _job(profile, tiny_shards, config="D", scale="high", init=init, tmp=tmp_path)
+    assert job.scale_range == profile.scales.high and job.init_config == "A"
+    init.unlink()
+    assert job.warm_start and job.lr == profile.train.lr  # no file read: it is gone
+    wider = load_profile(tiny_params, overrides=["scales.high={s_min: 64, s_max: 64}"])
+    trial = dataclasses.replace(_job(profile, tiny_shards, config="A", scale="high", init=None, tmp=tmp_path),
+                                profile=wider)
+    assert trial.scale_range.s_min == 64 and trial.run_name.split("-")[2] == "64"
+    with pytest.raises(ConfigError, match="scale: unknown training scale 'huge'; choose one of low, high, jitter"):
+        _job(profile, tiny_shards, config="A", scale="huge", init=None, tmp=tmp_path)
 
 
 def test_a_divergence_names_the_option_that_set_the_lr(tiny_params, tiny_shards, tmp_path):
