@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.cluster import DEFAULT_STORAGE, STORAGE_ENV, STORAGE_SHARED_ENV, storage_path
 from pipelines.params import DEFAULT_PARAMS, load_profile
 from vgg.config import Profile
 from vgg.errors import ConfigError, Interrupted, VGGError
@@ -33,6 +34,11 @@ ProfileOption = Annotated[
 SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", help="override a profile key, e.g. --set train.lr=0.02 (repeatable)")
 ]
+# Ray's storage (pipelines.cluster): a path (str: a URI is refused in one line, not mangled by Path).
+StorageOption = Annotated[str, typer.Option("--storage", envvar=STORAGE_ENV, help="Ray storage for checkpoints and "
+                                            "run state; on a cluster, a directory every node mounts")]
+StorageSharedOption = Annotated[bool, typer.Option("--storage-shared", envvar=STORAGE_SHARED_ENV, help="every node "
+                                                   "of the Ray cluster mounts --storage (required with several nodes)")]
 
 
 @app.callback()
@@ -109,8 +115,8 @@ def train(
     init: Annotated[Optional[Path], typer.Option("--init", help="checkpoint to start from: a trained A (warm start "
                                                   "of B-E) or this configuration at another S (fine-tuning)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Ray Train workers (default: train.workers)")] = None,
-    storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE",
-                                          help="Ray Train storage for checkpoints (shared on a cluster)")] = Path("ray_results"),
+    storage: StorageOption = DEFAULT_STORAGE,
+    storage_shared: StorageSharedOption = False,
     max_failures: Annotated[int, typer.Option(help="worker-group restarts from the last checkpoint")] = 2,
     stage: Annotated[str, typer.Option(help="stage name for the MLflow tags")] = "train",
     track: Annotated[bool, typer.Option(help="log the run to MLflow (MLFLOW_TRACKING_URI or ./mlflow.db)")] = True,
@@ -124,8 +130,8 @@ def train(
     from pipelines import ray_train  # imports Ray and torch: only this command pays for them
 
     metrics = ray_train.train(profile=resolved, config=config, scale=scale, shards=shards, out=out, init=init,
-                             storage=storage, max_failures=max_failures, stage=stage, track=track,
-                             params_file=params)
+                             storage=storage_path(storage), max_failures=max_failures, stage=stage, track=track,
+                             params_file=params, storage_shared=storage_shared)
     typer.echo(f"wrote {out}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
 
@@ -266,7 +272,8 @@ def tune(
     label_smoothing: Annotated[str, typer.Option(
         "--label-smoothing", help="train.label_smoothing candidates drawn per trial, e.g. 0,0.1 (default: the "
         "profile's value, not searched)")] = "",
-    storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE", help="Ray storage")] = Path("ray_results"),
+    storage: StorageOption = DEFAULT_STORAGE,
+    storage_shared: StorageSharedOption = False,
     track: Annotated[bool, typer.Option(help="parent + child runs in MLflow")] = True,
     params: ParamsOption = DEFAULT_PARAMS,
     profile: ProfileOption = None,
@@ -274,13 +281,17 @@ def tune(
 ) -> None:
     """Ray Tune search over lr (log-uniform) and the S range, early-stopped by ASHA; writes the best as params."""
     from pipelines import ray_tune
+    from pipelines.cluster import check_storage, connect
 
     resolved = _profile(params, profile, set_)
+    if not storage_shared and os.environ.get("RAY_ADDRESS"):  # a local Ray is one node
+        connect()
+        check_storage(storage_path(storage).absolute(), shared=False)
     ray_tune.tune(
         resolved, config=config, scale_key=scale, shards=shards, lr_range=lr_range,
         s_min_range=ray_tune.parse_sizes(s_min, option="--s-min"),
         s_max_range=ray_tune.parse_sizes(s_max, option="--s-max"),
-        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage, out=out, track=track,
+        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage_path(storage), out=out, track=track,
         label_smoothing=(ray_tune.parse_fractions(label_smoothing, option="--label-smoothing")
                          if label_smoothing else None),
     )

@@ -1,5 +1,5 @@
 """The one home of Ray's connection: join the cluster in RAY_ADDRESS, or start a local Ray this process owns; the
-placement checks; what a Ray error means to the user.
+placement checks; Ray's storage; what a Ray error means to the user.
 
 Token authentication stays on (Ray 2.60's default), and nothing is written to the user's home: every Ray this
 project starts gets a fresh token in its own temporary directory, handed to its clients through Ray's documented
@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,6 +44,44 @@ JOIN_HINT = ("start the cluster (`ray start --head`), fix the address, and for a
 
 class ClusterError(VGGError):
     """The Ray cluster cannot be reached or cannot host the requested work."""
+
+
+# Ray's storage: where Ray Train (and Tune) keep a run's checkpoints and state, and where a rerun resumes from.
+# Set by `--storage` or VGG_RAY_STORAGE (what DVC's stages and `ray job submit` pass on). The default, a folder in
+# the working directory, is right on one machine. On a cluster of several nodes every worker writes its
+# checkpoints there and the driver reads the last one back, so it must be a directory every node mounts (NFS, EFS,
+# a ReadWriteMany volume): only the user knows whether a path is, and says so with `--storage-shared`
+# (VGG_RAY_STORAGE_SHARED=1).
+STORAGE_ENV = "VGG_RAY_STORAGE"
+STORAGE_SHARED_ENV = "VGG_RAY_STORAGE_SHARED"
+DEFAULT_STORAGE = "ray_results"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def storage_path(value: str) -> Path:
+    """`--storage` as a directory path. A URI (s3://, gs://) is refused: the run lock beside the run needs a file
+    system (flock), and pathlib would quietly make `s3://b/x` the local folder `s3:/b/x`."""
+    if _URI.match(value):
+        raise ClusterError(
+            f"--storage {value}: Ray storage must be a directory path; on a cluster use a file system every node "
+            f"mounts (e.g. an NFS or EFS mount) with --storage-shared ({STORAGE_SHARED_ENV}=1)"
+        )
+    return Path(value)
+
+
+def check_storage(storage: Path, *, shared: bool) -> None:
+    """Before a run starts on the connected cluster: refuse a `storage` not declared shared when the cluster has
+    more than one live node (Ray itself finds out only once every worker has started, as a page-long error that
+    its failure handling retries)."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if not shared and nodes > 1:
+        raise ClusterError(
+            f"--storage {storage}: the Ray cluster has {nodes} nodes and each writes checkpoints there, but the "
+            f"path is not declared shared; set {STORAGE_ENV} (or --storage) to a directory every node mounts and "
+            f"{STORAGE_SHARED_ENV}=1 (or --storage-shared)"
+        )
 
 
 def token_env(token: Path) -> dict[str, str]:

@@ -30,7 +30,7 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfi
 from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.cluster import ClusterError, connect, placeable, user_error
+from pipelines.cluster import ClusterError, check_storage, connect, placeable, user_error
 from pipelines.provenance import code_digest, file_sha256, protocol_key
 from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
                                 git_commit, protocol_name, source_tags, tracking_uri, unrecorded)
@@ -67,6 +67,7 @@ class TrainJob:
     out: Path  # where the final model is written
     storage: Path  # Ray Train storage (checkpoints, run state); shared by all nodes on a cluster
     max_failures: int  # worker-group restarts from the last checkpoint before giving up
+    storage_shared: bool = False  # the user says every node mounts `storage` (pipelines.cluster.check_storage)
     scale_range: ScaleRange = dataclasses.field(init=False, repr=False, compare=False)
     init_config: str | None = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -92,7 +93,7 @@ class TrainJob:
         return {
             "profile": self.profile.to_dict(), "config": self.config, "scale": self.scale,
             "init": str(self.init) if self.init else None, "shards": str(self.shards), "out": str(self.out),
-            "storage": str(self.storage), "max_failures": self.max_failures,
+            "storage": str(self.storage), "max_failures": self.max_failures, "storage_shared": self.storage_shared,
         }
 
     @classmethod
@@ -101,6 +102,7 @@ class TrainJob:
             profile=from_mapping(Profile, data["profile"]), config=data["config"], scale=data["scale"],
             init=Path(data["init"]) if data["init"] else None, shards=Path(data["shards"]), out=Path(data["out"]),
             storage=Path(data["storage"]), max_failures=data["max_failures"],
+            storage_shared=data.get("storage_shared", False),
         )
 
     @functools.cached_property  # hashes the init checkpoint (up to ~1 GB at paper size): once per job
@@ -154,6 +156,7 @@ def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) 
     (`EpochLog`; `vgg train` relays it to MLflow)."""
     check_job(job)
     connect()
+    check_storage(job.storage, shared=job.storage_shared)
     train = job.profile.train
     with _one_at_a_time(job):
         result = fit_trainer(job, name=job.run_name, checkpoints=2, progress=progress,
@@ -288,12 +291,14 @@ def train(
     stage: str,
     track: bool,
     params_file: Path = Path("params.yaml"),
+    storage_shared: bool = False,
 ) -> dict[str, float]:
     """`vgg train`: one run of the protocol, tracked as one MLflow run whose final model is registered. `params_file`:
     the params file the profile came from (with the code, it names the protocol execution the run belongs to)."""
     # Absolute paths: Ray workers do not run in this directory (on a cluster they must be on shared storage).
     job = TrainJob(profile=profile, config=config, scale=scale, init=init.absolute() if init else None,
-                   shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(), max_failures=max_failures)
+                   shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(), max_failures=max_failures,
+                   storage_shared=storage_shared)
     check_job(job)
     if not track:
         return run(job)

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_jobs
 
 from pipelines import cli
-from pipelines.cluster import start, stop
+from pipelines.cluster import STORAGE_SHARED_ENV, start, stop
 from pipelines.params import load_profile
 from pipelines.provenance import file_sha256
 from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_job, run
@@ -78,7 +78,8 @@ def _vgg(command: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Co
 
 def _job(profile: Profile, shards: Path, *, config: str, scale: str, init: Path | None, tmp: Path) -> TrainJob:
     return TrainJob(profile=profile, config=config, scale=scale, init=init, shards=shards.absolute(),
-                    out=tmp / f"{config}-{scale}.pt", storage=tmp / "ray_results", max_failures=0)
+                    out=tmp / f"{config}-{scale}.pt", storage=tmp / "ray_results", max_failures=0,
+                    storage_shared=True)  # the shared cluster's nodes are on this machine
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -493,6 +494,13 @@ ERROR_CASES = {
     "diverges": ("training diverged in epoch 1 by optimizer step 8 (lr 10): ",  # the largest lr a profile takes
                  {"set": "train.lr=10", "trains": True}),
     "ray_down": ("cannot connect to RAY_ADDRESS=", {"ray": "closed"}),
+    "storage_uri": ("--storage s3://bucket/runs: Ray storage must be a directory path; on a cluster use a file system "
+                    "every node mounts", {"storage": "s3://bucket/runs", "in_process": True}),
+    # Ray's storage not declared shared on the two-node cluster: refused once connected, before any worker starts.
+    "storage_node_local": ("the Ray cluster has 2 nodes and each writes checkpoints there, but the path is not "
+                           "declared shared; set VGG_RAY_STORAGE (or --storage) to a directory every node mounts and "
+                           "VGG_RAY_STORAGE_SHARED=1 (or --storage-shared)", {"storage": "ray_results",
+                                                                              "shared": False}),
 }
 
 
@@ -538,6 +546,8 @@ def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[
             extra += ["--workers", case["workers"]]
         if "set" in case:
             extra += ["--set", case["set"]]
+        if "storage" in case:
+            extra += ["--storage", case["storage"]]
         command = _train_command(tiny_params, tiny_shards, config=case.get("config", "A"), scale="low",
                                  out=case.get("out", "model.pt"), extra=tuple(extra))
         if case.get("in_process"):
@@ -546,6 +556,8 @@ def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[
         env = _env(ray_cluster, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")  # closed; only where tracked
         if case.get("ray") == "closed":
             env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"
+        if case.get("shared") is False:
+            env.pop(STORAGE_SHARED_ENV)
         started[name] = (cwd, subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True))
     for name, (cwd, command) in in_process.items():
@@ -568,6 +580,26 @@ def test_bad_input_is_one_clear_line(error_runs, name):
     assert len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert not (cwd / "model.pt").exists()
+
+
+def test_node_local_storage_on_two_nodes_stops_before_training(error_runs, ray_cluster):
+    """Refused once connected to the cluster, before Ray Train starts: no run directory, no lock, no worker."""
+    run = error_runs["storage_node_local"]
+    assert f"error: --storage {run.cwd / 'ray_results'}: the Ray cluster has 2 nodes" in run.stderr
+    assert list((run.cwd / "ray_results").iterdir()) == []
+    assert _train_workers(ray_cluster, driver_pid=run.pid) == []
+
+
+def test_vgg_tune_refuses_node_local_storage_on_two_nodes_too(ray_cluster, tiny_params, tiny_shards, tmp_path):
+    env = {key: value for key, value in _env(ray_cluster).items() if key != STORAGE_SHARED_ENV}
+    command = [str(VGG), "tune", "--params", str(tiny_params), "--config", "A", "--shards", str(tiny_shards),
+               "--trials", "1", "--max-epochs", "1", "--out", "best.yaml", "--no-track"]
+    done = _vgg(command, cwd=tmp_path, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: --storage {tmp_path / 'ray_results'}: the Ray cluster has 2 nodes and each writes checkpoints there, but the path "
+        "is not declared shared; set VGG_RAY_STORAGE (or --storage) to a directory every node mounts and "
+        "VGG_RAY_STORAGE_SHARED=1 (or --storage-shared)"]
+    assert not (tmp_path / "best.yaml").exists() and not (tmp_path / "ray_results").exists()
 
 
 def test_a_diverging_run_is_not_retried(error_runs, ray_cluster, tiny_params):
