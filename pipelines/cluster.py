@@ -294,3 +294,32 @@ def user_error(error: BaseException) -> VGGError | None:
             if isinstance(nested, BaseException):
                 pending.append(nested)
     return None
+
+
+def _check_storage_here() -> int:
+    """`python -m pipelines.cluster check-storage`: `check_storage` for the storage the environment names (what
+    `vgg train` would use), for scripts that run long stages before the first training (infra/protocol.sh).
+    Without RAY_ADDRESS a run starts its own local Ray, one node: nothing to check."""
+    import click
+
+    try:
+        shared = click.BOOL.convert(os.environ.get(STORAGE_SHARED_ENV) or "0", None, None)
+    except click.BadParameter as error:
+        print(f"error: {STORAGE_SHARED_ENV}: {error.message}", file=sys.stderr)
+        return 2
+    try:
+        storage = storage_path(os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE).absolute()
+        if os.environ.get("RAY_ADDRESS") and not shared:
+            connect()
+            check_storage(storage, shared=False)
+    except VGGError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["check-storage"]:
+        print("usage: python -m pipelines.cluster check-storage", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_check_storage_here())

@@ -23,10 +23,13 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import click
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from pipelines.cluster import STORAGE_ENV, STORAGE_SHARED_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -245,6 +248,21 @@ def test_ray_pods_share_data_tracking_and_token_auth(spec: dict) -> None:
         assert env["MLFLOW_TRACKING_URI"]["value"] == TRACKING_URI
         assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)  # the server wants a login
         assert env["RAY_USAGE_STATS_ENABLED"]["value"] == "0"
+
+
+@pytest.mark.parametrize("spec", _ray_cluster_specs(), ids=["raycluster", "rayjob"])
+def test_the_head_puts_rays_storage_on_the_shared_volume_and_says_so(spec: dict) -> None:
+    """Job drivers (infra/protocol.sh, `vgg train`) run on the head and inherit its environment: Ray's storage on the
+    ReadWriteMany volume every Ray pod mounts at /data, declared shared, or `vgg train` stops on a cluster of
+    several nodes."""
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    env = _env(head)
+    storage = Path(env[STORAGE_ENV]["value"])
+    assert storage.is_absolute() and storage.is_relative_to("/data") and storage != Path("/data")
+    assert click.BOOL.convert(env[STORAGE_SHARED_ENV]["value"], None, None) is True
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:  # /data: the vgg-data claim on every pod
+        (container,) = group["template"]["spec"]["containers"]
+        assert "/data" in {m["mountPath"] for m in container["volumeMounts"]}
 
 
 def test_data_volume_is_read_write_many() -> None:
@@ -884,6 +902,43 @@ def test_launcher_installs_the_project_and_shares_the_token() -> None:
     workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
     assert workers and all(t["node_config"]["InstanceType"] == "p5.48xlarge" for t in workers)
     assert any("MLFLOW_TRACKING_URI" in c for c in config["worker_start_ray_commands"])
+
+
+def test_launcher_head_puts_rays_storage_on_the_efs_volume_and_says_so() -> None:
+    config = yaml.safe_load(LAUNCHER.read_text())
+    (start,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    before = start.split("ray start --head")[0]  # variables exported to `ray start`, hence to the job drivers
+    storage = Path(re.search(rf"\b{STORAGE_ENV}=(\S+)", before).group(1))
+    assert storage.is_relative_to("/data") and storage != Path("/data")
+    assert click.BOOL.convert(re.search(rf"\b{STORAGE_SHARED_ENV}=(\S+)", before).group(1), None, None) is True
+    assert any("mount -t nfs4" in c and " /data;" in c for c in config["initialization_commands"])  # on every node
+
+
+def _job_submissions() -> list[tuple[str, str]]:
+    """(file, command) of every `ray job submit` example in the docs, continuation lines joined."""
+    found = []
+    for path in [ROOT / "README.md", INFRA / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "ray job submit" in line and line.startswith("    ") and " -- " in line + " ":
+                command = line
+                while command.endswith("\\"):
+                    i += 1
+                    command = command[:-1] + lines[i].strip()
+                found.append((str(path.relative_to(ROOT)), " ".join(command.split())))
+    return found
+
+
+def test_every_ray_job_submit_example_that_trains_sets_rays_storage() -> None:
+    trains = [(where, c) for where, c in _job_submissions() if re.search(r"vgg (train|tune)\b|protocol\.sh", c)]
+    assert len(trains) >= 6, _job_submissions()  # README, docs/training.md and infra/README.md each have some
+    for where, command in trains:
+        entrypoint = command.split(" -- ", 1)[1]
+        if "protocol.sh" in entrypoint:  # the stages DVC starts read the environment
+            assert re.search(rf"\benv .*\b{STORAGE_ENV}=/\S+ .*\b{STORAGE_SHARED_ENV}=1 .*protocol\.sh", entrypoint), \
+                (where, command)
+        else:
+            assert re.search(r"--storage /\S+", entrypoint) and "--storage-shared" in entrypoint, (where, command)
 
 
 def test_launcher_commands_are_valid_shell() -> None:
