@@ -182,12 +182,16 @@ def local_cluster(*, nodes: int = 1, cpus_per_node: int | None = None, token: Pa
         token = token or write_token(temp)
         cpus = str(cpus_per_node or os.cpu_count() or 1)
         port, dashboard = free_port(), free_port()
+        # Each node's dashboard agent on a port of its own: Ray's fixed default (52365) is taken by the first
+        # node of any Ray on the machine, and a head whose agent cannot bind accepts no `ray job submit`.
         groups.append(start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host",
                              "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", cpus,
-                             "--temp-dir", str(temp)], temp / "head.log", token=token))
+                             "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp)],
+                            temp / "head.log", token=token))
         for node in range(1, nodes):
             groups.append(start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                 "--num-cpus", cpus], temp / f"node-{node}.log", token=token))
+                                 "--num-cpus", cpus, "--dashboard-agent-listen-port", str(free_port())],
+                                temp / f"node-{node}.log", token=token))
         yield LocalCluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard}", temp=temp,
                            token=token, groups=tuple(groups))
     finally:
