@@ -102,7 +102,7 @@ class TrainJob:
             profile=from_mapping(Profile, data["profile"]), config=data["config"], scale=data["scale"],
             init=Path(data["init"]) if data["init"] else None, shards=Path(data["shards"]), out=Path(data["out"]),
             storage=Path(data["storage"]), max_failures=data["max_failures"],
-            storage_shared=data.get("storage_shared", False),
+            storage_shared=data["storage_shared"],
         )
 
     @functools.cached_property  # hashes the init checkpoint (up to ~1 GB at paper size): once per job
