@@ -291,7 +291,8 @@ def tune(
         resolved, config=config, scale_key=scale, shards=shards, lr_range=lr_range,
         s_min_range=ray_tune.parse_sizes(s_min, option="--s-min"),
         s_max_range=ray_tune.parse_sizes(s_max, option="--s-max"),
-        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage_path(storage), out=out, track=track,
+        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage_path(storage), out=out,
+        track=track,
         label_smoothing=(ray_tune.parse_fractions(label_smoothing, option="--label-smoothing")
                          if label_smoothing else None),
     )

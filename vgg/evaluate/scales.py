@@ -22,7 +22,8 @@ def choose_scales(spec: str, *, model: str | os.PathLike[str] | None, q_offset: 
     which take only an explicit list."""
     if spec in ("single", "multi"):
         if model is None:
-            raise ConfigError("--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
+            raise ConfigError(
+                "--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
         scale = ScaleRange(**checkpoint.read_header(model)["scale"])
         scales = (scale.single_q,) if spec == "single" else scale.multi_q(q_offset)
         return EvalScales(scales=tuple(scales), single=scale.single_q)
