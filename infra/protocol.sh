@@ -7,19 +7,28 @@
 # its commit, on the shared volume, one per commit. The DVC cache (with its run-cache) is shared by all of them, on
 # the same volume so files are hard links, not copies of ~150 GB of shards; a new commit's workspace restores the
 # stages whose code and params did not change instead of recomputing them.
+#
+# Ray Train's checkpoints go to VGG_RAY_STORAGE, which on a cluster of several nodes must be a directory every node
+# mounts, declared with VGG_RAY_STORAGE_SHARED=1 (the manifests set both on the head; pipelines/cluster.py). That is
+# checked here, before the hours of ingest that precede the first training stage.
 set -euo pipefail
 
 source_repo="${VGG_SOURCE:-/app}"       # a git checkout of this project: the image's copy by default
-raw="${VGG_RAW:-/data/imagenet}"        # the three ILSVRC-2012 archives
+profile="${VGG_PROFILE:-paper}"         # the params.yaml profile to run
+raw="${VGG_RAW-/data/imagenet}"         # the three ILSVRC-2012 archives; set empty for a profile's generated data
 work_root="${VGG_WORK_ROOT:-/data/work}"
 cache="${VGG_DVC_CACHE:-/data/dvc-cache}"
 
-for archive in ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar ILSVRC2012_devkit_t12.tar.gz; do
-    if [[ ! -f "$raw/$archive" ]]; then
-        echo "error: $raw/$archive is missing: copy the three ILSVRC-2012 archives to $raw (infra/README.md)" >&2
-        exit 2
-    fi
-done
+overrides=(-S "profile=$profile")
+if [[ -n "$raw" ]]; then
+    for archive in ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar ILSVRC2012_devkit_t12.tar.gz; do
+        if [[ ! -f "$raw/$archive" ]]; then
+            echo "error: $raw/$archive is missing: copy the three ILSVRC-2012 archives to $raw (infra/README.md)" >&2
+            exit 2
+        fi
+    done
+    overrides+=(-S "profiles.$profile.data.raw=$raw")
+fi
 
 commit="$(git -C "$source_repo" rev-parse HEAD)"
 workspace="$work_root/${commit:0:12}"
@@ -35,5 +44,7 @@ if [[ ! -d "$workspace/.git" ]]; then
 fi
 
 cd "$workspace"
-echo "workspace $workspace (commit $commit), raw data $raw, RAY_ADDRESS=${RAY_ADDRESS:-unset}"
-exec dvc exp run -S profile=paper -S "profiles.paper.data.raw=$raw"
+python -m pipelines.cluster check-storage   # one line and exit 2 if node-local on a cluster of several nodes
+echo "workspace $workspace (commit $commit), profile $profile, raw data ${raw:-generated}," \
+     "Ray storage ${VGG_RAY_STORAGE:-ray_results (in the workspace)}, RAY_ADDRESS=${RAY_ADDRESS:-unset}"
+exec dvc exp run "${overrides[@]}"

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.cluster import DEFAULT_STORAGE, STORAGE_ENV, STORAGE_SHARED_ENV, storage_path
 from pipelines.params import DEFAULT_PARAMS, load_profile
 from vgg.config import Profile
 from vgg.errors import ConfigError, Interrupted, VGGError
@@ -33,6 +34,11 @@ ProfileOption = Annotated[
 SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", help="override a profile key, e.g. --set train.lr=0.02 (repeatable)")
 ]
+# Ray's storage (pipelines.cluster): a path (str: a URI is refused in one line, not mangled by Path).
+StorageOption = Annotated[str, typer.Option("--storage", envvar=STORAGE_ENV, help="Ray storage for checkpoints and "
+                                            "run state; on a cluster, a directory every node mounts")]
+StorageSharedOption = Annotated[bool, typer.Option("--storage-shared", envvar=STORAGE_SHARED_ENV, help="every node "
+                                                   "of the Ray cluster mounts --storage (required with several nodes)")]
 
 
 @app.callback()
@@ -109,8 +115,8 @@ def train(
     init: Annotated[Optional[Path], typer.Option("--init", help="checkpoint to start from: a trained A (warm start "
                                                   "of B-E) or this configuration at another S (fine-tuning)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Ray Train workers (default: train.workers)")] = None,
-    storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE",
-                                          help="Ray Train storage for checkpoints (shared on a cluster)")] = Path("ray_results"),
+    storage: StorageOption = DEFAULT_STORAGE,
+    storage_shared: StorageSharedOption = False,
     max_failures: Annotated[int, typer.Option(help="worker-group restarts from the last checkpoint")] = 2,
     stage: Annotated[str, typer.Option(help="stage name for the MLflow tags")] = "train",
     track: Annotated[bool, typer.Option(help="log the run to MLflow (MLFLOW_TRACKING_URI or ./mlflow.db)")] = True,
@@ -126,8 +132,8 @@ def train(
     from pipelines import ray_train  # imports Ray and torch: only this command pays for them
 
     metrics = ray_train.train(profile=resolved, config=config, scale=scale, shards=shards, out=out, init=init,
-                             storage=storage, max_failures=max_failures, stage=stage, track=track,
-                             params_file=params)
+                             storage=storage_path(storage), max_failures=max_failures, stage=stage, track=track,
+                             params_file=params, storage_shared=storage_shared)
     typer.echo(f"wrote {out}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
 
@@ -153,9 +159,8 @@ def evaluate(
     set_: SetOption = None,
 ) -> None:
     """Per-image softmax posteriors of one model in one evaluation mode, saved for fusion and the report."""
-    from vgg.config import ScaleRange
     from vgg.evaluate.metrics import errors
-    from vgg.models import checkpoint
+    from vgg.evaluate.scales import choose_scales
 
     from pipelines.evaluation import Request, run
     from vgg.files import check_writable
@@ -166,19 +171,10 @@ def evaluate(
             check_writable(path.parent, option)  # one line now, not after minutes of evaluation
     if single_out is not None and scales != "multi":
         raise ConfigError("--single-out: only with --scales multi (the single-scale Q is one of the three)")
-    if scales in ("single", "multi"):
-        if torchvision:
-            raise ConfigError("--scales: torchvision weights carry no training scale; give the Q list, e.g. 256,384,512")
-        scale = ScaleRange(**checkpoint.read_header(model)["scale"])
-        q = [scale.single_q] if scales == "single" else list(scale.multi_q(resolved.eval.q_offset))
-    else:
-        try:
-            q = [int(value) for value in scales.split(",")]
-        except ValueError:
-            raise ConfigError(f"--scales: expected single, multi or a list of px like 256,384,512, got {scales!r}") from None
+    chosen = choose_scales(scales, model=None if torchvision else model, q_offset=resolved.eval.q_offset)
     request = Request(
         model=model.absolute(), torchvision=torchvision, shards=shards.absolute(), split=split, mode=mode,
-        scales=tuple(q), keep_scales=(scale.single_q,) if single_out else (), grid=resolved.eval.grid,
+        scales=chosen.scales, keep_scales=(chosen.single,) if single_out else (), grid=resolved.eval.grid,
         batch_size=resolved.eval.batch_size, channels_last=resolved.train.channels_last,
         decode_threads=resolved.data.loader_workers,
     )
@@ -281,7 +277,8 @@ def tune(
         "profile's value, not searched)")] = "",
     results: Annotated[Optional[Path], typer.Option(
         "--results", help="also write the results table and the search's provenance as JSON")] = None,
-    storage: Annotated[Path, typer.Option("--storage", envvar="VGG_RAY_STORAGE", help="Ray storage")] = Path("ray_results"),
+    storage: StorageOption = DEFAULT_STORAGE,
+    storage_shared: StorageSharedOption = False,
     track: Annotated[bool, typer.Option(help="parent + child runs in MLflow")] = True,
     params: ParamsOption = DEFAULT_PARAMS,
     profile: ProfileOption = None,
@@ -290,13 +287,18 @@ def tune(
     """Ray Tune search over lr (log-uniform) and the S range in the tuned stage's regime, trials in parallel,
     early-stopped by ASHA; writes the best as params (docs/tuning.md)."""
     from pipelines import ray_tune
+    from pipelines.cluster import check_storage, connect
 
     resolved = _profile(params, profile, set_)
+    if not storage_shared and os.environ.get("RAY_ADDRESS"):  # a local Ray is one node
+        connect()
+        check_storage(storage_path(storage).absolute(), shared=False)
     ray_tune.tune(
         resolved, config=config, scale_key=scale, shards=shards, lr_range=lr_range,
         s_min_range=ray_tune.parse_sizes(s_min, option="--s-min") if s_min else None,
         s_max_range=ray_tune.parse_sizes(s_max, option="--s-max") if s_max else None,
-        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage, out=out, track=track,
+        trials=trials, max_epochs=max_epochs, time_budget_s=time_budget, storage=storage_path(storage), out=out,
+        track=track,
         label_smoothing=(ray_tune.parse_fractions(label_smoothing, option="--label-smoothing")
                          if label_smoothing else None),
         init=init, searcher=searcher, trial_slots=trial_slots, results=results,

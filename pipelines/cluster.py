@@ -1,5 +1,5 @@
 """The one home of Ray's connection: join the cluster in RAY_ADDRESS, or start a local Ray this process owns; the
-placement checks; what a Ray error means to the user.
+placement checks; Ray's storage; what a Ray error means to the user.
 
 Token authentication stays on (Ray 2.60's default), and nothing is written to the user's home: every Ray this
 project starts gets a fresh token in its own temporary directory, handed to its clients through Ray's documented
@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,6 +44,44 @@ JOIN_HINT = ("start the cluster (`ray start --head`), fix the address, and for a
 
 class ClusterError(VGGError):
     """The Ray cluster cannot be reached or cannot host the requested work."""
+
+
+# Ray's storage: where Ray Train (and Tune) keep a run's checkpoints and state, and where a rerun resumes from.
+# Set by `--storage` or VGG_RAY_STORAGE (what DVC's stages and `ray job submit` pass on). The default, a folder in
+# the working directory, is right on one machine. On a cluster of several nodes every worker writes its
+# checkpoints there and the driver reads the last one back, so it must be a directory every node mounts (NFS, EFS,
+# a ReadWriteMany volume): only the user knows whether a path is, and says so with `--storage-shared`
+# (VGG_RAY_STORAGE_SHARED=1).
+STORAGE_ENV = "VGG_RAY_STORAGE"
+STORAGE_SHARED_ENV = "VGG_RAY_STORAGE_SHARED"
+DEFAULT_STORAGE = "ray_results"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def storage_path(value: str) -> Path:
+    """`--storage` as a directory path. A URI (s3://, gs://) is refused: the run lock beside the run needs a file
+    system (flock), and pathlib would quietly make `s3://b/x` the local folder `s3:/b/x`."""
+    if _URI.match(value):
+        raise ClusterError(
+            f"--storage {value}: Ray storage must be a directory path; on a cluster use a file system every node "
+            f"mounts (e.g. an NFS or EFS mount) with --storage-shared ({STORAGE_SHARED_ENV}=1)"
+        )
+    return Path(value)
+
+
+def check_storage(storage: Path, *, shared: bool) -> None:
+    """Before a run starts on the connected cluster: refuse a `storage` not declared shared when the cluster has
+    more than one live node (Ray itself finds out only once every worker has started, as a page-long error that
+    its failure handling retries)."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if not shared and nodes > 1:
+        raise ClusterError(
+            f"--storage {storage}: the Ray cluster has {nodes} nodes and each writes checkpoints there, but the "
+            f"path is not declared shared; set {STORAGE_ENV} (or --storage) to a directory every node mounts and "
+            f"{STORAGE_SHARED_ENV}=1 (or --storage-shared)"
+        )
 
 
 def token_env(token: Path) -> dict[str, str]:
@@ -143,12 +182,16 @@ def local_cluster(*, nodes: int = 1, cpus_per_node: int | None = None, token: Pa
         token = token or write_token(temp)
         cpus = str(cpus_per_node or os.cpu_count() or 1)
         port, dashboard = free_port(), free_port()
+        # Each node's dashboard agent on a port of its own: Ray's fixed default (52365) is taken by the first
+        # node of any Ray on the machine, and a head whose agent cannot bind accepts no `ray job submit`.
         groups.append(start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host",
                              "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", cpus,
-                             "--temp-dir", str(temp)], temp / "head.log", token=token))
+                             "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp)],
+                            temp / "head.log", token=token))
         for node in range(1, nodes):
             groups.append(start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                 "--num-cpus", cpus], temp / f"node-{node}.log", token=token))
+                                 "--num-cpus", cpus, "--dashboard-agent-listen-port", str(free_port())],
+                                temp / f"node-{node}.log", token=token))
         yield LocalCluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard}", temp=temp,
                            token=token, groups=tuple(groups))
     finally:
@@ -255,3 +298,32 @@ def user_error(error: BaseException) -> VGGError | None:
             if isinstance(nested, BaseException):
                 pending.append(nested)
     return None
+
+
+def _check_storage_here() -> int:
+    """`python -m pipelines.cluster check-storage`: `check_storage` for the storage the environment names (what
+    `vgg train` would use), for scripts that run long stages before the first training (infra/protocol.sh).
+    Without RAY_ADDRESS a run starts its own local Ray, one node: nothing to check."""
+    import click
+
+    try:
+        shared = click.BOOL.convert(os.environ.get(STORAGE_SHARED_ENV) or "0", None, None)
+    except click.BadParameter as error:
+        print(f"error: {STORAGE_SHARED_ENV}: {error.message}", file=sys.stderr)
+        return 2
+    try:
+        storage = storage_path(os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE).absolute()
+        if os.environ.get("RAY_ADDRESS") and not shared:
+            connect()
+            check_storage(storage, shared=False)
+    except VGGError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["check-storage"]:
+        print("usage: python -m pipelines.cluster check-storage", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_check_storage_here())

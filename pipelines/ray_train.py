@@ -30,11 +30,11 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfi
 from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.cluster import ClusterError, connect, placeable, user_error
+from pipelines.cluster import ClusterError, check_storage, connect, placeable, user_error
 from pipelines.provenance import code_digest, file_sha256, protocol_key
 from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
                                 git_commit, protocol_name, source_tags, tracking_uri, unrecorded)
-from vgg.config import Profile, from_mapping
+from vgg.config import Profile, ScaleKind, ScaleRange, from_mapping
 from vgg.data.loader import batches_per_epoch, train_batches, val_batches
 from vgg.data.preprocessing import Preprocess
 from vgg.data.shard_format import STATS_FILE, read_index, read_stats
@@ -53,16 +53,28 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TrainJob:
-    """Everything one `vgg train` needs; plain data so it travels to Ray workers."""
+    """Everything one `vgg train` needs; plain data so it travels to Ray workers.
+
+    Resolved once, when the job is made (and again by `dataclasses.replace`, so a Tune trial's profile gives its
+    own S): `scale_range`, the S of the kind `scale` in the profile, and `init_config`, the configuration the
+    `init` checkpoint holds (read from its header)."""
 
     profile: Profile
     config: str  # Table 1 name, A..E
-    scale: str  # low | high | jitter (params.yaml `scales`)
+    scale: ScaleKind  # the training scale's kind: low | high | jitter (params.yaml `scales`)
     init: Path | None  # checkpoint to start from: an A for B..E (warm start), the same config for fine-tuning
     shards: Path
     out: Path  # where the final model is written
     storage: Path  # Ray Train storage (checkpoints, run state); shared by all nodes on a cluster
     max_failures: int  # worker-group restarts from the last checkpoint before giving up
+    storage_shared: bool = False  # the user says every node mounts `storage` (pipelines.cluster.check_storage)
+    scale_range: ScaleRange = dataclasses.field(init=False, repr=False, compare=False)
+    init_config: str | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_range", self.profile.scale(self.scale))
+        object.__setattr__(self, "init_config",
+                           None if self.init is None else str(checkpoint.read_header(self.init)["config"]))
 
     def fingerprint(self) -> str:
         """Hash of what determines the result: resolved profile, config, scale, init weights, data index, and the
@@ -81,7 +93,7 @@ class TrainJob:
         return {
             "profile": self.profile.to_dict(), "config": self.config, "scale": self.scale,
             "init": str(self.init) if self.init else None, "shards": str(self.shards), "out": str(self.out),
-            "storage": str(self.storage), "max_failures": self.max_failures,
+            "storage": str(self.storage), "max_failures": self.max_failures, "storage_shared": self.storage_shared,
         }
 
     @classmethod
@@ -90,30 +102,28 @@ class TrainJob:
             profile=from_mapping(Profile, data["profile"]), config=data["config"], scale=data["scale"],
             init=Path(data["init"]) if data["init"] else None, shards=Path(data["shards"]), out=Path(data["out"]),
             storage=Path(data["storage"]), max_failures=data["max_failures"],
+            storage_shared=data["storage_shared"],
         )
 
     @functools.cached_property  # hashes the init checkpoint (up to ~1 GB at paper size): once per job
     def run_name(self) -> str:
-        return f"{self.profile.name}-{self.config}-{self.profile.scale(self.scale).label()}-{self.fingerprint()}"
+        return f"{self.profile.name}-{self.config}-{self.scale_range.label()}-{self.fingerprint()}"
 
     @property
     def lr(self) -> float:
         """§3.1: fine-tuning from the same configuration (the higher S, jittered S) uses the lower lr."""
-        if self.init is not None and _checkpoint_config(self.init) == self.config:
-            return self.profile.train.fine_tune_lr
-        return self.profile.train.lr
+        return self.profile.train.fine_tune_lr if self.init_config == self.config else self.profile.train.lr
 
     @property
     def warm_start(self) -> bool:
         """§3.1: B–E start from a trained A (its first four convs and FC layers; the rest freshly initialised)."""
-        return self.init is not None and _checkpoint_config(self.init) != self.config
+        return self.init_config is not None and self.init_config != self.config
 
 
 def check_job(job: TrainJob) -> None:
     """Every user-fixable problem, found before Ray starts: one line each."""
     if job.config not in CONFIGS:
         raise ModelError(f"--config: unknown configuration {job.config!r}; choose one of {', '.join(CONFIGS)}")
-    job.profile.scale(job.scale)
     index = read_index(job.shards)
     if len(index.classes) != job.profile.model.num_classes:
         raise ConfigError(
@@ -129,8 +139,8 @@ def check_job(job: TrainJob) -> None:
             f"{job.shards} gives each of the {train.workers} workers only {steps} per epoch; lower batch_size or use "
             "a larger training set"
         )
-    if job.init is not None:
-        source = _checkpoint_config(job.init)
+    if job.init_config is not None:
+        source = job.init_config
         if source != job.config and not (source in ("A", "A-LRN") and job.config in ("B", "C", "D", "E")):
             raise CheckpointError(
                 f"--init {job.init}: holds configuration {source}; {job.config} starts from a trained A "
@@ -146,6 +156,7 @@ def run(job: TrainJob, *, epoch_log: Path | None = None, progress: bool = True) 
     (`EpochLog`; `vgg train` relays it to MLflow)."""
     check_job(job)
     connect()
+    check_storage(job.storage, shared=job.storage_shared)
     train = job.profile.train
     with _one_at_a_time(job):
         result = fit_trainer(job, name=job.run_name, checkpoints=2, progress=progress,
@@ -280,17 +291,19 @@ def train(
     stage: str,
     track: bool,
     params_file: Path = Path("params.yaml"),
+    storage_shared: bool = False,
 ) -> dict[str, float]:
     """`vgg train`: one run of the protocol, tracked as one MLflow run whose final model is registered. `params_file`:
     the params file the profile came from (with the code, it names the protocol execution the run belongs to)."""
     # Absolute paths: Ray workers do not run in this directory (on a cluster they must be on shared storage).
     job = TrainJob(profile=profile, config=config, scale=scale, init=init.absolute() if init else None,
-                   shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(), max_failures=max_failures)
+                   shards=shards.absolute(), out=out.absolute(), storage=storage.absolute(), max_failures=max_failures,
+                   storage_shared=storage_shared)
     check_job(job)
     if not track:
         return run(job)
     root = Path.cwd()
-    scale_label = profile.scale(scale).label()
+    scale_label = job.scale_range.label()
     tags = {"stage": stage, "config": config, "scale": scale_label, "scale_kind": scale, "profile": profile.name,
             "git_commit": git_commit(root), "init_source": str(init) if init else f"random ({profile.model.init})",
             **source_tags(root, command="train")}
@@ -383,8 +396,8 @@ def _train_worker(loop_config: dict[str, Any]) -> DivergenceError | None:
         # CPUs: an oversubscribed thread pool makes every op wait on a preempted thread (1.6x slower per epoch on
         # 2 cores with 1 loader worker). Leave them their cores.
         torch.set_num_threads(max(1, torch.get_num_threads() - profile.data.loader_workers))
-    scale = profile.scale(job.scale)
-    header = checkpoint.header(config=job.config, profile=profile, scale=scale)
+    scale = job.scale_range
+    header = checkpoint.header(config=job.config, profile=profile, scale=scale, kind=job.scale)
 
     model = from_config(job.config, profile.model, warm=job.warm_start,
                         generator=torch.Generator().manual_seed(train.seed))
@@ -474,10 +487,6 @@ class EpochLog(UserCallback):
         if "epoch" in epoch_metrics:  # not a mid-epoch checkpoint report
             with open(self.path, "a") as file:
                 file.write(json.dumps({"step": int(epoch_metrics["epoch"]), "metrics": epoch_metrics}) + "\n")
-
-
-def _checkpoint_config(path: Path) -> str:
-    return str(checkpoint.read_header(path)["config"])
 
 
 def _check_writable(directory: Path, option: str) -> None:

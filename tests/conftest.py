@@ -93,10 +93,16 @@ def ray_cluster():
     Yields {"address": GCS address for RAY_ADDRESS, "dashboard": job server URL, "temp": session dir}. Each node
     has 2 logical CPUs, so two single-CPU workers can be placed one per node (STRICT_SPREAD) or both on one.
     """
-    from pipelines.cluster import local_cluster
+    from pipelines.cluster import STORAGE_SHARED_ENV, local_cluster
 
-    with local_cluster(nodes=2, cpus_per_node=2, token=TOKEN) as cluster:
-        yield {"address": cluster.address, "dashboard": cluster.dashboard, "temp": cluster.temp}
+    # Both nodes run on this machine, so every path is storage each node sees: the tests (and the jobs submitted to
+    # the cluster, which inherit its environment) say so, as a user does for an NFS mount.
+    os.environ[STORAGE_SHARED_ENV] = "1"
+    try:
+        with local_cluster(nodes=2, cpus_per_node=2, token=TOKEN) as cluster:
+            yield {"address": cluster.address, "dashboard": cluster.dashboard, "temp": cluster.temp}
+    finally:
+        os.environ.pop(STORAGE_SHARED_ENV, None)
 
 
 # A tiny profile of the same protocol for tests: 4 classes, a few dozen images, 2 epochs. Same keys as params.yaml.

@@ -61,6 +61,34 @@ def test_read_header_is_the_header_and_maps_the_file(tmp_path: Path) -> None:
         checkpoint.read_header(tmp_path / "nope.pt")
 
 
+def test_the_kind_of_the_training_scale_is_recorded_and_derived_only_for_files_from_before(tmp_path: Path) -> None:
+    """A run records which of its profile's scales it trained at; a file written before the kind was recorded loads
+    with the kind its profile gives S (the first match), and one whose S is none of them is one clear error."""
+    # A profile whose high S equals its low S: only the recorded kind tells a `high` run from a `low` one.
+    same = PROFILE.scales.low
+    profile = load_profile(ROOT / "params.yaml", profile="small",
+                           overrides=[f"scales.high={{s_min: {same.s_min}, s_max: {same.s_max}}}"])
+    header = checkpoint.header(config="C", profile=profile, scale=same, kind="high")
+    assert header["scale_kind"] == "high"
+    recorded = tmp_path / "recorded.pt"
+    checkpoint.save(recorded, {**header, "model": {}})
+    assert checkpoint.read_header(recorded)["scale_kind"] == "high"
+    assert checkpoint.header(config="C", profile=PROFILE, scale=PROFILE.scales.jitter)["scale_kind"] == "jitter"
+
+    before = {key: value for key, value in _payload().items() if key != "scale_kind"}
+    old = tmp_path / "old.pt"
+    checkpoint.save(old, {**before, "scale": {"s_min": 56, "s_max": 56}})
+    assert checkpoint.load(old)["scale_kind"] == "high" and checkpoint.read_header(old)["scale_kind"] == "high"
+    odd = tmp_path / "odd.pt"
+    checkpoint.save(odd, {**before, "scale": {"s_min": 48, "s_max": 48}})
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint.read_header(odd)
+    assert str(raised.value) == (f"{odd} records no training scale kind and its S {{'s_min': 48, 's_max': 48}} is "
+                                 "none of its profile's scales; re-create it with `vgg train`")
+    with pytest.raises(CheckpointError, match="scale kind 'wide': expected one of low, high, jitter"):
+        checkpoint.header(config="C", profile=PROFILE, scale=same, kind="wide")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint at .*nope.pt"):
         checkpoint.load(tmp_path / "nope.pt")

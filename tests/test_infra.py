@@ -20,13 +20,17 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import click
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from pipelines.cluster import STORAGE_ENV, STORAGE_SHARED_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -245,6 +249,21 @@ def test_ray_pods_share_data_tracking_and_token_auth(spec: dict) -> None:
         assert env["MLFLOW_TRACKING_URI"]["value"] == TRACKING_URI
         assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)  # the server wants a login
         assert env["RAY_USAGE_STATS_ENABLED"]["value"] == "0"
+
+
+@pytest.mark.parametrize("spec", _ray_cluster_specs(), ids=["raycluster", "rayjob"])
+def test_the_head_puts_rays_storage_on_the_shared_volume_and_says_so(spec: dict) -> None:
+    """Job drivers (infra/protocol.sh, `vgg train`) run on the head and inherit its environment: Ray's storage on the
+    ReadWriteMany volume every Ray pod mounts at /data, declared shared, or `vgg train` stops on a cluster of
+    several nodes."""
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    env = _env(head)
+    storage = Path(env[STORAGE_ENV]["value"])
+    assert storage.is_absolute() and storage.is_relative_to("/data") and storage != Path("/data")
+    assert click.BOOL.convert(env[STORAGE_SHARED_ENV]["value"], None, None) is True
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:  # /data: the vgg-data claim on every pod
+        (container,) = group["template"]["spec"]["containers"]
+        assert "/data" in {m["mountPath"] for m in container["volumeMounts"]}
 
 
 def test_data_volume_is_read_write_many() -> None:
@@ -886,6 +905,43 @@ def test_launcher_installs_the_project_and_shares_the_token() -> None:
     assert any("MLFLOW_TRACKING_URI" in c for c in config["worker_start_ray_commands"])
 
 
+def test_launcher_head_puts_rays_storage_on_the_efs_volume_and_says_so() -> None:
+    config = yaml.safe_load(LAUNCHER.read_text())
+    (start,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    before = start.split("ray start --head")[0]  # variables exported to `ray start`, hence to the job drivers
+    storage = Path(re.search(rf"\b{STORAGE_ENV}=(\S+)", before).group(1))
+    assert storage.is_relative_to("/data") and storage != Path("/data")
+    assert click.BOOL.convert(re.search(rf"\b{STORAGE_SHARED_ENV}=(\S+)", before).group(1), None, None) is True
+    assert any("mount -t nfs4" in c and " /data;" in c for c in config["initialization_commands"])  # on every node
+
+
+def _job_submissions() -> list[tuple[str, str]]:
+    """(file, command) of every `ray job submit` example in the docs, continuation lines joined."""
+    found = []
+    for path in [ROOT / "README.md", INFRA / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "ray job submit" in line and line.startswith("    ") and " -- " in line + " ":
+                command = line
+                while command.endswith("\\"):
+                    i += 1
+                    command = command[:-1] + lines[i].strip()
+                found.append((str(path.relative_to(ROOT)), " ".join(command.split())))
+    return found
+
+
+def test_every_ray_job_submit_example_that_trains_sets_rays_storage() -> None:
+    trains = [(where, c) for where, c in _job_submissions() if re.search(r"vgg (train|tune)\b|protocol\.sh", c)]
+    assert len(trains) >= 6, _job_submissions()  # README, docs/training.md and infra/README.md each have some
+    for where, command in trains:
+        entrypoint = command.split(" -- ", 1)[1]
+        if "protocol.sh" in entrypoint:  # the stages DVC starts read the environment
+            assert re.search(rf"\benv .*\b{STORAGE_ENV}=/\S+ .*\b{STORAGE_SHARED_ENV}=1 .*protocol\.sh", entrypoint), \
+                (where, command)
+        else:
+            assert re.search(r"--storage /\S+", entrypoint) and "--storage-shared" in entrypoint, (where, command)
+
+
 def test_launcher_commands_are_valid_shell() -> None:
     config = yaml.safe_load(LAUNCHER.read_text())
     sections = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
@@ -956,3 +1012,78 @@ def test_protocol_runs_dvc_with_the_paper_profile_in_a_workspace_on_the_volume(t
     assert probe.stat().st_nlink > 1 or probe.is_symlink(), "output copied instead of linked from the DVC cache"
     assert any((tmp_path / "cache").rglob("*")), "the shared DVC cache was not used"
     assert not list((tmp_path / "work").glob(".clone-*")), "a staging clone was left behind"
+
+
+# --- the protocol through `ray job submit`, on the shared two-node cluster ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def protocol_source(tmp_path_factory, tiny_params) -> Path:
+    """A git checkout of this project with the tiny profile active, one epoch per stage: what VGG_SOURCE names."""
+    from tests.conftest import make_project
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+    return make_project(tmp_path_factory.mktemp("protocol-source"), tiny_params, env, max_epochs=1)
+
+
+def _submit_protocol(ray_cluster: dict, tmp_path: Path, source: Path, *, shared: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of infra/protocol.sh as infra/README.md's step 8 does it, with the test's paths and the
+    tiny profile's generated data (VGG_RAW empty)."""
+    entrypoint = ["env", f"VGG_SOURCE={source}", "VGG_PROFILE=tiny", "VGG_RAW=", f"VGG_WORK_ROOT={tmp_path / 'work'}",
+                  f"VGG_DVC_CACHE={tmp_path / 'cache'}", f"{STORAGE_ENV}={tmp_path / 'ray-results'}",
+                  f"{STORAGE_SHARED_ENV}={shared}", "bash", str(INFRA / "protocol.sh")]
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"], "--",
+              *entrypoint]
+    env = {**os.environ, "PATH": _path(), "RAY_USAGE_STATS_ENABLED": "0"}
+    for _ in range(30):  # the head's job agent comes up some seconds after `ray start` returns
+        result = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
+        if "No available agent to submit job" not in result.stdout + result.stderr:
+            return result
+        time.sleep(5)
+    return result
+
+
+def _workspace(tmp_path: Path, source: Path) -> Path:
+    commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return tmp_path / "work" / commit[:12]
+
+
+@pytest.mark.slow
+@pytest.mark.protocol
+def test_the_submitted_protocol_stops_before_any_stage_on_storage_not_declared_shared(ray_cluster, protocol_source,
+                                                                                     tmp_path):
+    result = _submit_protocol(ray_cluster, tmp_path, protocol_source, shared="0")
+    assert result.returncode != 0 and "failed" in result.stdout, result.stdout[-3000:]
+    assert (f"error: --storage {tmp_path / 'ray-results'}: the Ray cluster has 2 nodes and each writes checkpoints "
+            "there, but the path is not declared shared") in result.stdout
+    workspace = _workspace(tmp_path, protocol_source)
+    assert not (workspace / "data").exists() and not (tmp_path / "ray-results").exists()  # no stage ran
+
+
+@pytest.mark.slow
+@pytest.mark.protocol
+def test_ray_job_submit_runs_the_whole_protocol_on_two_nodes(ray_cluster, protocol_source, tmp_path):
+    """infra/protocol.sh as the RayJob runs it: a workspace cloned from the source, `dvc exp run` of every stage,
+    each `vgg train` a Ray Train run on the cluster with its checkpoints in VGG_RAY_STORAGE; the job's outcome is the
+    report it wrote."""
+    result = _submit_protocol(ray_cluster, tmp_path, protocol_source, shared="1")
+    assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+    workspace = _workspace(tmp_path, protocol_source)
+    metrics = json.loads((workspace / "reports" / "tiny" / "metrics.json").read_text())
+    models = {"A": ["low"], "A-LRN": ["low"], "B": ["low"], **{c: ["low", "high", "jitter"] for c in "CDE"}}
+    rows = {f"{config}/{kind}" for config, kinds in models.items() for kind in kinds}
+    assert set(metrics["table3"]) == rows
+    assert all(0.0 <= metrics["table3"][row]["top1_err"] <= 100.0 for row in rows)
+    assert {"D+E/dense", "D+E/multicrop", "D+E/dense+multicrop"} <= set(metrics["table6"])
+    assert "Table 6" in (workspace / "reports" / "tiny" / "report.md").read_text()
+    # Every training stage ran on Ray Train with its run state in VGG_RAY_STORAGE, and its model records the kind
+    # of its training scale.
+    runs = sorted(p.name for p in (tmp_path / "ray-results").iterdir() if p.is_dir())
+    assert len(runs) == 12 and all(name.startswith("tiny-") for name in runs), runs
+    from vgg.models import checkpoint
+
+    for config, kinds in models.items():
+        for kind in kinds:
+            assert checkpoint.read_header(workspace / "runs" / "tiny" / f"{config}-{kind}.pt")["scale_kind"] == kind

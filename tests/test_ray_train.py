@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_jobs
 
 from pipelines import cli
-from pipelines.cluster import start, stop
+from pipelines.cluster import STORAGE_SHARED_ENV, start, stop
 from pipelines.params import load_profile
 from pipelines.provenance import file_sha256
 from pipelines.ray_train import TrainJob, _initialise_from, _lr_option, check_job, run
@@ -38,6 +38,7 @@ from vgg.config import Profile
 from vgg.data.loader import batches_per_epoch, train_batches
 from vgg.data.preprocessing import Preprocess
 from vgg.data.shard_format import read_index, read_stats
+from vgg.errors import ConfigError
 from vgg.evaluate.results import Posteriors
 from vgg.models import checkpoint, from_config
 from vgg.models.io import load_model
@@ -77,7 +78,8 @@ def _vgg(command: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Co
 
 def _job(profile: Profile, shards: Path, *, config: str, scale: str, init: Path | None, tmp: Path) -> TrainJob:
     return TrainJob(profile=profile, config=config, scale=scale, init=init, shards=shards.absolute(),
-                    out=tmp / f"{config}-{scale}.pt", storage=tmp / "ray_results", max_failures=0)
+                    out=tmp / f"{config}-{scale}.pt", storage=tmp / "ray_results", max_failures=0,
+                    storage_shared=True)  # the shared cluster's nodes are on this machine
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -150,7 +152,7 @@ def test_vgg_train_writes_a_final_model(trained_a):
     payload = checkpoint.load(trained_a.out)
     assert "train" not in payload  # a final model file, no resume state
     assert payload["config"] == "A"
-    assert payload["scale"] == {"s_min": 40, "s_max": 40}
+    assert payload["scale"] == {"s_min": 40, "s_max": 40} and payload["scale_kind"] == "low"
     model = load_model(trained_a.out)
     assert model.name == "A" and model.num_classes == 4
     assert trained_a.process.stdout.strip().splitlines()[-1].startswith(f"wrote a.pt: epoch {_epochs(trained_a)},")
@@ -492,6 +494,13 @@ ERROR_CASES = {
     "diverges": ("training diverged in epoch 1 by optimizer step 8 (lr 10): ",  # the largest lr a profile takes
                  {"set": "train.lr=10", "trains": True}),
     "ray_down": ("cannot connect to RAY_ADDRESS=", {"ray": "closed"}),
+    "storage_uri": ("--storage s3://bucket/runs: Ray storage must be a directory path; on a cluster use a file system "
+                    "every node mounts", {"storage": "s3://bucket/runs", "in_process": True}),
+    # Ray's storage not declared shared on the two-node cluster: refused once connected, before any worker starts.
+    "storage_node_local": ("the Ray cluster has 2 nodes and each writes checkpoints there, but the path is not "
+                           "declared shared; set VGG_RAY_STORAGE (or --storage) to a directory every node mounts and "
+                           "VGG_RAY_STORAGE_SHARED=1 (or --storage-shared)", {"storage": "ray_results",
+                                                                              "shared": False}),
 }
 
 
@@ -537,6 +546,8 @@ def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[
             extra += ["--workers", case["workers"]]
         if "set" in case:
             extra += ["--set", case["set"]]
+        if "storage" in case:
+            extra += ["--storage", case["storage"]]
         command = _train_command(tiny_params, tiny_shards, config=case.get("config", "A"), scale="low",
                                  out=case.get("out", "model.pt"), extra=tuple(extra))
         if case.get("in_process"):
@@ -545,6 +556,8 @@ def error_runs(ray_cluster, tiny_params, tiny_shards, tmp_path_factory) -> dict[
         env = _env(ray_cluster, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")  # closed; only where tracked
         if case.get("ray") == "closed":
             env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"
+        if case.get("shared") is False:
+            env.pop(STORAGE_SHARED_ENV)
         started[name] = (cwd, subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True))
     for name, (cwd, command) in in_process.items():
@@ -569,12 +582,51 @@ def test_bad_input_is_one_clear_line(error_runs, name):
     assert not (cwd / "model.pt").exists()
 
 
+def test_node_local_storage_on_two_nodes_stops_before_training(error_runs, ray_cluster):
+    """Refused once connected to the cluster, before Ray Train starts: no run directory, no lock, no worker."""
+    run = error_runs["storage_node_local"]
+    assert f"error: --storage {run.cwd / 'ray_results'}: the Ray cluster has 2 nodes" in run.stderr
+    assert list((run.cwd / "ray_results").iterdir()) == []
+    assert _train_workers(ray_cluster, driver_pid=run.pid) == []
+
+
+def test_vgg_tune_refuses_node_local_storage_on_two_nodes_too(ray_cluster, tiny_params, tiny_shards, tmp_path):
+    env = {key: value for key, value in _env(ray_cluster).items() if key != STORAGE_SHARED_ENV}
+    command = [str(VGG), "tune", "--params", str(tiny_params), "--config", "A", "--shards", str(tiny_shards),
+               "--trials", "1", "--max-epochs", "1", "--out", "best.yaml", "--no-track"]
+    done = _vgg(command, cwd=tmp_path, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: --storage {tmp_path / 'ray_results'}: the Ray cluster has 2 nodes and each writes checkpoints there, but the path "
+        "is not declared shared; set VGG_RAY_STORAGE (or --storage) to a directory every node mounts and "
+        "VGG_RAY_STORAGE_SHARED=1 (or --storage-shared)"]
+    assert not (tmp_path / "best.yaml").exists() and not (tmp_path / "ray_results").exists()
+
+
 def test_a_diverging_run_is_not_retried(error_runs, ray_cluster, tiny_params):
     """It would diverge again at the same step: one worker group, not 1 + --max-failures (default 2) of them."""
     workers = _train_workers(ray_cluster, driver_pid=error_runs["diverges"].pid)
     assert len(workers) == load_profile(tiny_params).train.workers, [worker.state for worker in workers]
     assert error_runs["diverges"].stderr.rstrip().endswith("was written from these weights. Lower the learning "
                                                            "rate (train.lr)")
+
+
+def test_a_job_resolves_its_scale_and_its_init_once(tiny_params, tiny_shards, tmp_path):
+    """The scale's kind gives its S once, when the job is made (again for a Tune trial's profile); the init
+    checkpoint's configuration is read then too, not at each `lr` or `warm_start`."""
+    profile = load_profile(tiny_params)
+    init = tmp_path / "A.pt"
+    header = checkpoint.header(config="A", profile=profile, scale=profile.scale("low"))
+    checkpoint.save(init, checkpoint.final({**header, "model": from_config("A", profile.model).state_dict()}))
+    job = _job(profile, tiny_shards, config="D", scale="high", init=init, tmp=tmp_path)
+    assert job.scale_range == profile.scales.high and job.init_config == "A"
+    init.unlink()
+    assert job.warm_start and job.lr == profile.train.lr  # no file read: it is gone
+    wider = load_profile(tiny_params, overrides=["scales.high={s_min: 64, s_max: 64}"])
+    trial = dataclasses.replace(_job(profile, tiny_shards, config="A", scale="high", init=None, tmp=tmp_path),
+                                profile=wider)
+    assert trial.scale_range.s_min == 64 and trial.run_name.split("-")[2] == "64"
+    with pytest.raises(ConfigError, match="scale: unknown training scale 'huge'; choose one of low, high, jitter"):
+        _job(profile, tiny_shards, config="A", scale="huge", init=None, tmp=tmp_path)
 
 
 def test_a_divergence_names_the_option_that_set_the_lr(tiny_params, tiny_shards, tmp_path):

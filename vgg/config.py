@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping, TypeVar, Union
 from vgg.errors import ConfigError
 
 T = TypeVar("T")
+ScaleKind = Literal["low", "high", "jitter"]  # a training scale by its name in params.yaml `scales` (§3.1)
+SCALE_KINDS: tuple[ScaleKind, ...] = typing.get_args(ScaleKind)
 MAX_SIDE = 4096  # px: a bound on every image side and scale (8x the paper's largest, S = 512)
 
 
@@ -200,7 +202,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Scales:
-    """The three training scales of §3.1/Table 3: fixed low S, fixed high S, jittered [Smin, Smax]."""
+    """The three training scales of §3.1/Table 3: fixed low S, fixed high S, jittered [Smin, Smax]. Their names
+    (`SCALE_KINDS`) are the scale's kind: the report lines a result up with the paper's row by it."""
 
     low: ScaleRange
     high: ScaleRange
@@ -250,8 +253,8 @@ class Profile:
 
     def scale(self, key: str) -> ScaleRange:
         """A training scale by its name in `params.yaml` (`low`, `high`, `jitter`)."""
-        if key not in ("low", "high", "jitter"):
-            raise ConfigError(f"scale: unknown training scale {key!r}; choose one of low, high, jitter")
+        if key not in SCALE_KINDS:
+            raise ConfigError(f"scale: unknown training scale {key!r}; choose one of {', '.join(SCALE_KINDS)}")
         return getattr(self.scales, key)
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,13 +3,13 @@
 Input: a directory of posteriors files (`.npz`, `vgg.evaluate.results.Posteriors`), searched recursively. Each file's
 meta says what it is (keys the evaluation writes; see `vgg.evaluate.posteriors`):
 - `config`: "A", "A-LRN", "B", "C", "D", "E"; a fusion's `models` lists its configurations (["D", "E"]);
-- `train_scale`: {"label", "s_min", "s_max", optional "kind": "low" | "high" | "jitter"} (`checkpoint_meta`);
-  a file without it (e.g. torchvision's weights) is listed under "All results" but placed in no table;
+- `train_scale`: {"label", "s_min", "s_max", "kind": "low" | "high" | "jitter"} (`checkpoint_meta`, from the kind
+  the checkpoint records); a file without it (e.g. torchvision's weights) is listed under "All results" but placed
+  in no table;
 - `mode`: "dense" | "multicrop" | "dense+multicrop";
 - `scales`: the test scales Q (one → single-scale, several → multi-scale).
 Rows line up with the paper's by scale KIND, not value: the small profile's S=40 sits beside the paper's
-S=256 ("low"), S=56 beside 384 ("high"), [40;72] beside [256;512] ("jitter"). Without `kind`, a jittered S
-is "jitter", the smallest fixed S among the results "low", any larger fixed S "high".
+S=256 ("low"), S=56 beside 384 ("high"), [40;72] beside [256;512] ("jitter").
 
 Output (`write_report`): `report.md`, `metrics.json` (our errors with their 95% intervals, per table and row, and
 each finding's verdict with its paired tests) and PNG plots. Missing results show as "—" and the findings that
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from vgg.config import SCALE_KINDS
 from vgg.files import check_writable, write_atomic
 from vgg.errors import DataError
 from vgg.evaluate.metrics import top_k, top_k_correct
@@ -55,7 +56,7 @@ ALPHA = 0.05  # family-wise error rate of one finding's comparisons (Holm)
 LRN_MARGIN = 1.0
 REPRODUCED, CONTRADICTED, MEASURED_NOTHING = "reproduced", "contradicted", "not measured"
 SAME_WAY, OTHER_WAY = "same direction, not significant", "not the paper's direction, not significant"
-KINDS = ("low", "high", "jitter")
+KINDS = SCALE_KINDS
 MODE_NAMES = {"dense": "dense", "multicrop": "multi-crop", "dense+multicrop": "dense + multi-crop"}
 PAPER_S = {"low": "256", "high": "384", "jitter": "[256;512]"}  # §3.1 training scales
 PAPER_Q = {  # §3.2 test scales: single Q = S or ½(Smin+Smax); multi {S−32, S, S+32} or {Smin, mid, Smax}
@@ -221,19 +222,12 @@ def collect(results_dir: str | os.PathLike[str]) -> tuple[list[Result], dict[tup
     for path in sorted(root.rglob("*.npz")):
         posteriors = Posteriors.load(path)
         loaded.append((path, posteriors.meta, _scale(path, posteriors.meta), _correct(posteriors)))
-    fixed = sorted(scale["s_min"] for _, _, scale, _ in loaded if scale is not None and _is_fixed(scale))
     results: list[Result] = []
     cells: dict[tuple, Result] = {}
     notes: list[str] = []
     for path, meta, scale, (scored, correct5) in loaded:
         count, wrong1, wrong5 = scored.correct.size, int((~scored.correct).sum()), int((~correct5).sum())
-        kind = None
-        if scale is not None:
-            kind = scale.get("kind") or (
-                "jitter" if not _is_fixed(scale) else "low" if scale["s_min"] == fixed[0] else "high"
-            )
-            if kind not in KINDS:
-                raise DataError(f"{path}: meta train_scale.kind is {kind!r}; expected one of {', '.join(KINDS)}")
+        kind = None if scale is None else scale["kind"]
         models = meta.get("models", [])
         result = Result(
             path=str(path.relative_to(root)),
@@ -360,13 +354,11 @@ def _correct(posteriors: Posteriors) -> tuple[Scored, np.ndarray]:
 def _scale(path: Path, meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
     scale = meta.get("train_scale")
     if scale is not None and (not isinstance(scale, Mapping) or "s_min" not in scale or "s_max" not in scale):
-        raise DataError(f"{path}: meta train_scale must be {{'label', 's_min', 's_max'}}, got {scale!r}")
+        raise DataError(f"{path}: meta train_scale must be {{'label', 's_min', 's_max', 'kind'}}, got {scale!r}")
+    if scale is not None and scale.get("kind") not in KINDS:
+        raise DataError(f"{path}: meta train_scale.kind is {scale.get('kind')!r}; expected one of {', '.join(KINDS)}: "
+                        "re-create it with `vgg evaluate`")
     return scale
-
-
-def _is_fixed(scale: Mapping[str, Any]) -> bool:
-    kind = scale.get("kind")
-    return kind in ("low", "high") if kind else scale["s_min"] == scale["s_max"]
 
 
 def _require(path: Path, meta: Mapping[str, Any], key: str) -> Any:

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from vgg.config import ScaleRange
+from vgg.config import ScaleKind, ScaleRange
 from vgg.data.preprocessing import Preprocess
 from vgg.data.samples import iter_samples
 from vgg.data.shard_format import read_index, read_stats
@@ -52,28 +52,19 @@ _CUDA_PAD_MULTIPLE = 32
 _Batch = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def scale_meta(scale: ScaleRange, *, kind: Literal["low", "high", "jitter"] | None = None) -> dict[str, Any]:
-    """The `train_scale` entry of the meta `vgg.report` reads: the training S and, if known, its kind.
-
-    `kind` is the profile's name for it (`low`, `high`, `jitter`): the report lines our rows up with the
-    paper's by kind, so the small profile's S=40 sits beside the paper's S=256. Without it the report infers
-    the kind (jittered if s_min < s_max; the smallest fixed S seen is `low`, larger ones `high`).
-    """
-    entry: dict[str, Any] = {"label": scale.label(), "s_min": scale.s_min, "s_max": scale.s_max}
-    if kind is not None:
-        entry["kind"] = kind
-    return entry
+def scale_meta(scale: ScaleRange, *, kind: ScaleKind) -> dict[str, Any]:
+    """The `train_scale` entry of the meta `vgg.report` reads: the training S and its kind, the profile's name for
+    it (`low`, `high`, `jitter`): the report lines our rows up with the paper's by kind, so the small profile's S=40
+    sits beside the paper's S=256."""
+    return {"label": scale.label(), "s_min": scale.s_min, "s_max": scale.s_max, "kind": kind}
 
 
 def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The meta entries a checkpoint determines: `config` and `train_scale` (with its kind, found by matching
-    the checkpoint's S against the scales of the profile it was trained with). Pass as `meta=` to
-    `compute_posteriors`, so the report can place the result."""
+    """The meta entries a checkpoint determines: `config` and `train_scale` (with the kind it records). Pass as
+    `meta=` to `compute_posteriors`, so the report can place the result."""
     payload = checkpoint.read_header(path)
-    scale = ScaleRange(**payload["scale"])
-    profile_scales = payload.get("profile", {}).get("scales", {})
-    kinds = [kind for kind, entry in profile_scales.items() if ScaleRange(**entry) == scale]
-    return {"config": payload["config"], "train_scale": scale_meta(scale, kind=kinds[0] if kinds else None)}
+    return {"config": payload["config"],
+            "train_scale": scale_meta(ScaleRange(**payload["scale"]), kind=payload["scale_kind"])}
 
 
 class _Sample(Protocol):

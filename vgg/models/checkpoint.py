@@ -2,7 +2,10 @@
 
 A checkpoint is a `torch.save`d dict of tensors and primitives only:
 `{"format": "vgg-checkpoint/1", "config": "D", "model_config": {...}, "model": state_dict,
-"scale": {"s_min", "s_max"}, "train": {...resume state...} (absent in a final model file), "profile": {...}}`.
+"scale": {"s_min", "s_max"}, "scale_kind": "low" | "high" | "jitter", "train": {...resume state...} (absent in a
+final model file), "profile": {...}}`. `scale_kind` is the profile's name for the training S (§3.1): what the
+report lines a result up with the paper's by. Files written before it was recorded load with it derived from their
+profile, once, here (`load`): they cost days of GPU time each at paper size, too much to refuse.
 `save` refuses anything `load` could not read back with `weights_only=True`, so a bad payload fails at
 write time, not at resume time.
 """
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vgg.config import Profile, ScaleRange
+from vgg.config import SCALE_KINDS, Profile, ScaleKind, ScaleRange
 from vgg.errors import CheckpointError
 
 FORMAT = "vgg-checkpoint/1"
@@ -30,15 +33,28 @@ FORMAT = "vgg-checkpoint/1"
 _LEAVES = (torch.Tensor, torch.Size, torch.dtype, torch.device, str, bytes, int, float, bool, type(None))
 
 
-def header(*, config: str, profile: Profile, scale: ScaleRange) -> dict[str, Any]:
-    """The fields every checkpoint of a run carries besides the weights: format, Table-1 name, shapes, S, profile."""
+def header(*, config: str, profile: Profile, scale: ScaleRange, kind: ScaleKind | None = None) -> dict[str, Any]:
+    """The fields every checkpoint of a run carries besides the weights: format, Table-1 name, shapes, S, its kind,
+    profile. `kind`: which of the profile's `scales` S is (a training run knows it); None: the first whose range is
+    `scale`, and none where no range is (a benchmark's S outside its profile: such a file does not `load`)."""
+    fields = {"s_min": scale.s_min, "s_max": scale.s_max}
+    if kind is None:
+        kind = _kind_of(fields, profile.to_dict()["scales"])
+    elif kind not in SCALE_KINDS:
+        raise CheckpointError(f"scale kind {kind!r}: expected one of {', '.join(SCALE_KINDS)}")
     return {
         "format": FORMAT,
         "config": config,
         "model_config": dataclasses.asdict(profile.model),
-        "scale": {"s_min": scale.s_min, "s_max": scale.s_max},
+        "scale": fields,
+        **({"scale_kind": kind} if kind is not None else {}),
         "profile": profile.to_dict(),
     }
+
+
+def _kind_of(scale: Mapping[str, Any], scales: Mapping[str, Any]) -> ScaleKind | None:
+    """The first of `scales` (a profile's `scales` section, as data) whose range is `scale`."""
+    return next((kind for kind in SCALE_KINDS if kind in scales and dict(scales[kind]) == dict(scale)), None)
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -48,7 +64,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {key: payload[key] for key in _HEADER_KEYS if key in payload}
 
 
-_HEADER_KEYS = ("format", "config", "model_config", "scale", "profile")  # what `header` writes
+_HEADER_KEYS = ("format", "config", "model_config", "scale", "scale_kind", "profile")  # what `header` writes
 
 
 def final(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,6 +152,14 @@ def load(
             f"{path} holds configuration {payload.get('config')!r}, expected {expect_config!r}; "
             "pass the checkpoint trained for that configuration"
         )
+    if "scale_kind" not in payload:  # written before the kind was recorded (see the module's docstring)
+        kind = _kind_of(payload.get("scale", {}), payload.get("profile", {}).get("scales", {}))
+        if kind is None:
+            raise CheckpointError(
+                f"{path} records no training scale kind and its S {payload.get('scale')} is none of its profile's "
+                "scales; re-create it with `vgg train`"
+            )
+        payload["scale_kind"] = kind
     return payload
 
 
