@@ -360,6 +360,24 @@ def evaluation(model: nn.Module, samples: list, setup: Setup, preprocess: nn.Mod
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def run_section(result: dict[str, Any], name: str, run: Callable[[], Any], *, save: Callable[[], None],
+                label: str) -> Any:
+    """run(), or None with its error in result["errors"]: one failed arm must not cost the rest of a device run.
+    Its seconds go to result["seconds"], and `save` runs after each section, so what finished so far survives a run
+    stopped at its time limit."""
+    print(f"[{label}] {name} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        return run()
+    except Exception as error:
+        traceback.print_exc()
+        result["errors"][name] = f"{type(error).__name__}: {error}"
+        return None
+    finally:
+        result["seconds"][name] = round(time.perf_counter() - started, 2)
+        save()
+
+
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
@@ -394,18 +412,7 @@ def main() -> int:
     }
 
     def section(name: str, run: Callable[[], Any]) -> Any:
-        """run(), or None with the error recorded: one failed arm must not cost the rest of a device run."""
-        print(f"[gpu.py] {name} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        try:
-            return run()
-        except Exception as error:
-            traceback.print_exc()
-            result["errors"][name] = f"{type(error).__name__}: {error}"
-            return None
-        finally:
-            result["seconds"][name] = round(time.perf_counter() - started, 2)
-            _write_json(args.out, result)  # what finished so far survives a run stopped at its time limit
+        return run_section(result, name, run, save=lambda: _write_json(args.out, result), label="gpu.py")
 
     from pipelines.params import load_profile
 

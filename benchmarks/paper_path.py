@@ -47,7 +47,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -354,17 +353,7 @@ def main() -> int:
         if optional and time.perf_counter() - started > args.budget_s:
             result["skipped"].append(name)
             return None
-        print(f"[paper_path] {name} ...", file=sys.stderr, flush=True)
-        begun = time.perf_counter()
-        try:
-            return run()
-        except Exception as error:
-            traceback.print_exc()
-            result["errors"][name] = f"{type(error).__name__}: {error}"
-            return None
-        finally:
-            result["seconds"][name] = round(time.perf_counter() - begun, 2)
-            save()
+        return bench.run_section(result, name, run, save=save, label="paper_path")
 
     gflop_cache: dict[str, float] = {}
 
