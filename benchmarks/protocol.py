@@ -179,7 +179,9 @@ def main() -> None:
                                                              "train.seed = N) and report the variation")
     args = parser.parse_args()
     print(f"`vgg demo` on a fresh clone, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
-    runs = []
+    runs: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"benchmark": "protocol", "cpus": os.cpu_count(), "budget_s": BUDGET_S}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vgg-protocol-") as temp:
         base = args.keep or Path(temp)
         for seed in args.seeds or [None]:
@@ -189,15 +191,14 @@ def main() -> None:
             if args.seeds:
                 print(f"\nseed {seed}:")
             print_stages(run["stages"], run["dvc_repro_s"], run["total_s"])
-    result: dict[str, Any] = {"benchmark": "protocol", "cpus": os.cpu_count(), "budget_s": BUDGET_S}
+            if args.seeds:  # written after every seed: a long series interrupted keeps what it measured
+                result.update(runs=runs, variation=variation(runs))
+                write_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
     if args.seeds:
-        summary = variation(runs)
-        print_variation(summary)
-        result.update(runs=runs, variation=summary)
+        print_variation(result["variation"])
     else:
         result.update({key: runs[0][key] for key in ("stages", "dvc_repro_s", "total_s", "report")})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+        write_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":
