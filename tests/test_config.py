@@ -26,7 +26,7 @@ def test_paper_profile_carries_the_papers_numbers():
     assert (paper.model.crop, paper.model.fc_width, paper.model.num_classes) == (224, 4096, 1000)
     assert (paper.train.batch_size, paper.train.lr, paper.train.momentum) == (256, 0.01, 0.9)
     assert (paper.train.weight_decay, paper.model.dropout, paper.train.max_decays) == (5e-4, 0.5, 3)
-    assert (paper.train.max_epochs, paper.eval.q_offset, paper.eval.grid) == (74, 32, 5)
+    assert (paper.train.max_epochs, paper.train.fine_tune_epochs, paper.eval.q_offset, paper.eval.grid) == (74, 74, 32, 5)
     assert paper.scales.low == ScaleRange(256, 256) and paper.scales.high == ScaleRange(384, 384)
     assert paper.scales.jitter == ScaleRange(256, 512)
     text = PARAMS.read_text()
