@@ -315,7 +315,7 @@ def main() -> None:
             "compile": args.compile,
             "threads": torch.get_num_threads(),
             "cpu": _cpu_name(),
-            "amx_bf16": precision.cpu_has_amx_bf16(),
+            "bf16_isas": list(precision.cpu_bf16_isas()),
             "torch": torch.__version__,
             "malloc_tuned_env": MALLOC_TUNED,
             "rows": rows,

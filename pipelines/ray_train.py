@@ -34,7 +34,7 @@ from pipelines.cluster import ClusterError, check_storage, connect, placeable, u
 from pipelines.provenance import code_digest, file_sha256, protocol_key
 from pipelines.tracking import (MetricsRelay, TrackedRun, TrackingError, check_reachable, end_status, flatten,
                                 git_commit, protocol_name, source_tags, tracking_uri, unrecorded)
-from vgg.config import Profile, ScaleKind, ScaleRange, from_mapping
+from vgg.config import Profile, ScaleKind, ScaleRange, TrainConfig, from_mapping
 from vgg.data.loader import batches_per_epoch, train_batches, val_batches
 from vgg.data.preprocessing import Preprocess
 from vgg.data.shard_format import STATS_FILE, read_index, read_stats
@@ -113,6 +113,12 @@ class TrainJob:
     def lr(self) -> float:
         """§3.1: fine-tuning from the same configuration (the higher S, jittered S) uses the lower lr."""
         return self.profile.train.fine_tune_lr if self.init_config == self.config else self.profile.train.lr
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The profile's recipe, capped at `fine_tune_epochs` when this run fine-tunes its own configuration."""
+        train = self.profile.train
+        return train.fine_tuning() if self.init is not None and not self.warm_start else train
 
     @property
     def warm_start(self) -> bool:
@@ -387,7 +393,7 @@ def _train_worker(loop_config: dict[str, Any]) -> DivergenceError | None:
     for name in ("", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     job = TrainJob.from_dict(loop_config["job"])
-    profile, train = job.profile, job.profile.train
+    profile, train = job.profile, job.train_config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -26,7 +26,7 @@ def test_paper_profile_carries_the_papers_numbers():
     assert (paper.model.crop, paper.model.fc_width, paper.model.num_classes) == (224, 4096, 1000)
     assert (paper.train.batch_size, paper.train.lr, paper.train.momentum) == (256, 0.01, 0.9)
     assert (paper.train.weight_decay, paper.model.dropout, paper.train.max_decays) == (5e-4, 0.5, 3)
-    assert (paper.train.max_epochs, paper.eval.q_offset, paper.eval.grid) == (74, 32, 5)
+    assert (paper.train.max_epochs, paper.train.fine_tune_epochs, paper.eval.q_offset, paper.eval.grid) == (74, 74, 32, 5)
     assert paper.scales.low == ScaleRange(256, 256) and paper.scales.high == ScaleRange(384, 384)
     assert paper.scales.jitter == ScaleRange(256, 512)
     text = PARAMS.read_text()
@@ -61,6 +61,7 @@ def test_q_sets_follow_section_3_2():
         ("train.label_smoothing=-0.1", "profiles.small.train.label_smoothing: must be in [0, 1), got -0.1"),
         ("train.label_smoothing=.nan", "profiles.small.train.label_smoothing: must be a finite number, got nan"),
         ("train.label_smoothing=some", "profiles.small.train.label_smoothing: must be a number, got 'some'"),
+        ("train.fine_tune_epochs=0", "profiles.small.train.fine_tune_epochs: must be > 0"),
         ("train.lr", "expected section.key=value"),
     ],
 )
@@ -140,3 +141,10 @@ def test_label_smoothing_is_in_the_training_loss(smoothing):
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(initial(images.float() / 255), labels, label_smoothing=smoothing)
     assert result.history[0]["train/loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_fine_tuning_caps_the_epochs_and_changes_nothing_else():
+    train = load_profile(PARAMS, overrides=["train.max_epochs=10", "train.fine_tune_epochs=4"]).train
+    tuned = train.fine_tuning()
+    assert tuned.max_epochs == 4 and dataclasses.replace(tuned, max_epochs=10) == train
+    assert load_profile(PARAMS, overrides=["train.max_epochs=3", "train.fine_tune_epochs=4"]).train.fine_tuning().max_epochs == 3

@@ -175,6 +175,38 @@ def test_a_lrn_has_one_lrn_after_conv1_1_with_alexnets_formula() -> None:
     assert relative_error(pytorch_style(a), a / (2 + 1e-4 / 5 * sums) ** 0.75) <= 1e-6
 
 
+def test_a_lrn_forward_applies_its_lrn_and_differs_from_a_with_the_same_weights() -> None:
+    a, a_lrn = build("A", **SMALL, generator=seeded(4)), build("A-LRN", **SMALL, generator=seeded(5))
+    with torch.no_grad():
+        a.named_layers()["conv1_1"].weight.mul_(40)  # a trained-looking first layer: large activations
+    for name, layer in a.named_layers().items():  # the same weights, layer by paper name (LRN has none)
+        a_lrn.named_layers()[name].load_state_dict(layer.state_dict())
+    a.eval(), a_lrn.eval()
+    x = torch.randn(4, 3, 32, 32, generator=seeded(6))
+    lrn = nn.LocalResponseNorm(5, alpha=5 * 1e-4, beta=0.75, k=2.0)  # AlexNet's, as in the test above
+    with torch.no_grad():
+        out_a, out_lrn = a(x), a_lrn(x)
+        by_hand = a.features[2:](lrn(a.features[:2](x)))  # A's layers after conv1_1's ReLU, on LRN's output
+        assert relative_error(a_lrn.features(x), by_hand) <= 1e-5
+        assert relative_error(a_lrn.classifier(torch.flatten(by_hand, 1)), out_lrn) <= 1e-5
+    assert relative_error(out_lrn, out_a) > 0.05  # the LRN is in the forward pass: the logits move
+
+
+def test_a_lrn_at_initialisation_predicts_as_a_does() -> None:
+    """Why A and A-LRN once came out identical to the tenth of a percent: with small activations LRN is a constant
+    scale, (k + ...)^-β ≈ 2^-0.75, and a ReLU network with zero biases scales its logits by it, so an untrained or
+    barely trained A-LRN ranks the classes exactly as the A drawn from the same seed (LRN has no parameters, so the
+    draws are the same). Only once the first layer's activations grow does LRN change the ranking."""
+    a, a_lrn = build("A", **SMALL, generator=seeded(4)), build("A-LRN", **SMALL, generator=seeded(4))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), a_lrn.parameters(), strict=True))
+    a.eval(), a_lrn.eval()
+    x = torch.randn(64, 3, 32, 32, generator=seeded(6))
+    with torch.no_grad():
+        out_a, out_lrn = a(x), a_lrn(x)
+    assert torch.equal(out_a.argmax(1), out_lrn.argmax(1))
+    assert relative_error(out_lrn, out_a * 2**-0.75) <= 1e-2
+
+
 def test_c_ends_blocks_3_to_5_with_1x1_convs() -> None:
     layers = build("C", **SMALL).named_layers()
     convs = {name: m for name, m in layers.items() if name.startswith("conv")}

@@ -333,6 +333,12 @@ def test_warm_start_chain_copies_the_right_layers_and_fine_tunes_with_the_lower_
         job = _job(profile, tiny_shards, config="D", scale=scale, init=init, tmp=tmp_path)
         check_job(job)
         assert job.lr == profile.train.fine_tune_lr != profile.train.lr and not job.warm_start
+        # Fine-tuning is capped at train.fine_tune_epochs; a warm start is not.
+        capped = dataclasses.replace(profile, train=dataclasses.replace(profile.train, max_epochs=5, fine_tune_epochs=1))
+        assert _job(capped, tiny_shards, config="D", scale=scale, init=init, tmp=tmp_path).train_config == \
+            dataclasses.replace(capped.train, max_epochs=1)
+        assert _job(capped, tiny_shards, config="D", scale="low", init=trained_a.out,
+                    tmp=tmp_path).train_config == capped.train
         model = fresh_d()
         _initialise_from(model, job)
         _assert_same_weights(model.state_dict(), previous.state_dict())

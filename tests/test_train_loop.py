@@ -544,7 +544,7 @@ def test_precision_policy() -> None:
     assert precision.resolve("auto", cuda) == torch.bfloat16
     assert precision.resolve("fp32", cuda) == torch.float32
     assert precision.resolve("bf16", CPU) == torch.bfloat16
-    assert precision.resolve("auto", CPU) == (torch.bfloat16 if precision.cpu_has_amx_bf16() else torch.float32)
+    assert precision.resolve("auto", CPU) == (torch.bfloat16 if precision.cpu_bf16_isas() else torch.float32)
     # Channels-last only where its kernels are faster: cuDNN, and oneDNN's bf16 path; never when not asked for.
     assert precision.channels_last(True, device=cuda, dtype=torch.float32)
     assert precision.channels_last(True, device=CPU, dtype=torch.bfloat16)

@@ -144,8 +144,11 @@ class TrainConfig:
     patience: int  # epochs without a better val top-1 before the lr decays
     max_decays: int  # stop after this many decays (3, §3.1)
     max_epochs: int  # cap (74, §3.1)
+    # Cap when fine-tuning a model of the same configuration (the higher and the jittered S, §3.1); the paper gives
+    # no separate figure, so the paper profile sets it to max_epochs. A run's cap is the smaller of the two.
+    fine_tune_epochs: int
     seed: int
-    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA and on CPUs with AMX-BF16
+    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 on CUDA and CPUs with AVX512-BF16 or AMX-BF16
     channels_last: bool
     compile: bool  # torch.compile the model (CUDA; slower on CPU)
     workers: int  # Ray Train workers (processes), each with micro_batch images per step
@@ -156,7 +159,8 @@ class TrainConfig:
     label_smoothing: float
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "micro_batch", "lr", "fine_tune_lr", "lr_decay", "max_epochs", "workers")
+        _positive(self, "batch_size", "micro_batch", "lr", "fine_tune_lr", "lr_decay", "max_epochs", "fine_tune_epochs",
+                  "workers")
         if self.batch_size % (self.micro_batch * self.workers):
             raise ConfigError(
                 f"batch_size: {self.batch_size} is not divisible by micro_batch × workers "
@@ -172,8 +176,12 @@ class TrainConfig:
         _at_most(self, 10.0, "an SGD lr above 10 only diverges", "lr", "fine_tune_lr")
         _at_most(self, 1.0, "", "momentum", "weight_decay")
         _at_most(self, 1024, "Ray Train workers", "workers")
-        _at_most(self, 10_000, "epochs", "max_epochs")
+        _at_most(self, 10_000, "epochs", "max_epochs", "fine_tune_epochs")
         _seed(self.seed)
+
+    def fine_tuning(self) -> TrainConfig:
+        """This recipe for a run that fine-tunes a model of the same configuration: at most `fine_tune_epochs`."""
+        return dataclasses.replace(self, max_epochs=min(self.max_epochs, self.fine_tune_epochs))
 
     @property
     def accumulation(self) -> int:
