@@ -341,19 +341,16 @@ def train(
         except TrackingError as error:
             raise unrecorded(job.out, str(error)) from None
     try:
-        tracked.log_dict(profile.to_dict(), "profile.json")
-        tracked.log_curves()
-        tracked.register_model(job.out, stats=job.shards / STATS_FILE, crop=profile.model.crop, name=f"vgg-{config}",
-                               tags={key: value for key, value in tags.items() if not key.startswith("mlflow.")})
-    except BaseException as error:
-        try:
-            tracked.finish(end_status(error))
-        except Exception:  # the store that failed above may fail again: the first error is the one to report
-            pass
-        if isinstance(error, Exception) and not isinstance(error, VGGError):
-            raise unrecorded(job.out, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+        with tracked:  # ends the run FINISHED, or FAILED/KILLED by what ended the block
+            tracked.log_dict(profile.to_dict(), "profile.json")
+            tracked.log_curves()
+            tracked.register_model(job.out, stats=job.shards / STATS_FILE, crop=profile.model.crop,
+                                   name=f"vgg-{config}",
+                                   tags={key: value for key, value in tags.items() if not key.startswith("mlflow.")})
+    except VGGError:
         raise
-    tracked.finish()
+    except Exception as error:  # MLflow failed after the training: the model is kept, and the line says so
+        raise unrecorded(job.out, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
     return metrics
 
 
