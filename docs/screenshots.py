@@ -66,7 +66,7 @@ def pages(url: str) -> dict[str, str]:
     return {
         "runs": runs_page(url, experiment["experiment_id"],
                           tags={tag["key"]: tag["value"] for tag in experiment.get("tags", [])}),
-        "compare": f"{url}/#/compare-runs?runs={compare[0]}&experiments={compare[1]}",
+        "compare": f"{url}/#/compare-runs?runs={compare[0]}&experiments={compare[1]}&workflowType=machine_learning",
         "model": f"{url}/#/models/{champion}",
     }
 
