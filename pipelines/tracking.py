@@ -350,8 +350,9 @@ def unrecorded(out: Path, problem: str) -> UnrecordedError:
 def record_evaluations(report: TrackedRun, results: list[Any], *, tags: Mapping[str, str]) -> list[str]:
     """Log each placed evaluation result (`vgg.report.Result`) to the run of the model it evaluated (found by the
     model file's sha256, MODEL_TAG) and each fusion of several models to a `fusion-<configs>-<S>` run beside the
-    report's; then set the registered-model alias `champion` on the best single model of Table 4 (dense, multiple
-    Q). Returns one line per thing it could not place (a model trained untracked, say)."""
+    report's, marking each with `reported_tag` of the report's protocol run; save the experiment's "Tables 3-5" view
+    of those runs (`save_tables_view`); then set the registered-model alias `champion` on the best single model of
+    Table 4 (dense, multiple Q). Returns one line per thing it could not place (a model trained untracked, say)."""
     client, notes = report.client, []
     by_run: dict[str, dict[str, float]] = {}
     fusions: dict[str, dict[str, float]] = {}
