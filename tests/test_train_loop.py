@@ -50,7 +50,7 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def train_config(**changes: Any) -> TrainConfig:
-    base = {"precision": "fp32", "channels_last": False, "compile": False, "checkpoint_every": 0}
+    base = {"precision": "fp32", "channels_last": False, "compile": False, "checkpoint_every": 0, "decay_at": ()}
     return dataclasses.replace(PROFILE.train, **{**base, **changes})
 
 
@@ -202,6 +202,27 @@ def test_schedule_patience_zero_acts_as_one_and_state_round_trips() -> None:
     assert resumed.state_dict() == zero.state_dict() and resumed.lr == zero.lr
 
 
+def test_fixed_decays_ignore_the_validation_curve_and_end_at_the_cap() -> None:
+    """decay_at (0.6, 0.9) of 10 epochs: 6 at lr, 3 at lr/10, 1 at lr/100, whatever the validation errors do."""
+    for curve in ([50, 40, 30, 20, 10, 9, 8, 7, 6, 5], [50, 60, 70, math.nan, 90, 90, 90, 90, 90, 90]):
+        schedule = _schedule(max_epochs=10, patience=1, max_decays=1, decay_at=(0.6, 0.9))
+        lrs = []
+        for err in curve:
+            lrs.append(schedule.lr)
+            schedule.step(err)
+        assert lrs == pytest.approx([1e-2] * 6 + [1e-3] * 3 + [1e-4], rel=1e-12)
+        assert schedule.stop_reason == "max_epochs"
+    fine_tune = _schedule(lr=1e-3, max_epochs=4, decay_at=(0.6, 0.9))  # ceil(2.4) = 3, ceil(3.6) = 4
+    lrs = []
+    for err in [30, 30, 30, 30]:
+        lrs.append(fine_tune.lr)
+        fine_tune.step(err)
+    assert lrs == pytest.approx([1e-3] * 3 + [1e-4], rel=1e-12)
+    resumed = _schedule(max_epochs=10, decay_at=(0.6, 0.9))
+    resumed.load_state_dict(torch.load(_save_state(schedule.state_dict()), weights_only=True))
+    assert resumed.state_dict() == schedule.state_dict() and resumed.lr == schedule.lr
+
+
 def _save_state(state: dict) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -225,6 +246,20 @@ def test_fit_follows_the_schedule() -> None:
     assert [m["lr"] for m in result.history] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
     assert lrs_used == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
     assert result.stop_reason == "plateau" and len(result.history) == 6
+
+
+def test_fit_with_fixed_decays_trains_at_the_stepped_lr() -> None:
+    data = Quadrants(count=32, size=16, micro_batch=16, seed=1)
+    lrs_used: list[float] = []
+
+    class Watch(Hooks):
+        def on_epoch_end(self, metrics, checkpoint):
+            lrs_used.append(checkpoint()["train"]["optimizer"]["param_groups"][0]["lr"])
+
+    config = train_config(batch_size=16, micro_batch=16, lr=0.1, patience=1, max_epochs=4, decay_at=(0.5,))
+    result = run(Tiny(dropout=0.0), data, config, hooks=Watch(), validate=lambda m: (50.0, 0.0))  # a flat curve
+    assert lrs_used == pytest.approx([0.1, 0.1, 0.01, 0.01])  # no plateau stop: the run reaches its cap
+    assert result.stop_reason == "max_epochs" and len(result.history) == 4
 
 
 # --- gradient accumulation ------------------------------------------------------------------------------------

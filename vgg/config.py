@@ -143,6 +143,9 @@ class TrainConfig:
     lr_decay: float  # factor on plateau (0.1, §3.1)
     patience: int  # epochs without a better val top-1 before the lr decays
     max_decays: int  # stop after this many decays (3, §3.1)
+    # Fixed decays instead of the plateau rule: fractions of a run's epoch cap after which the lr is divided by
+    # lr_decay, e.g. (0.6, 0.9). Empty = the paper's plateau rule (§3.1); see vgg.train.schedule.
+    decay_at: tuple[float, ...]
     max_epochs: int  # cap (74, §3.1)
     # Cap when fine-tuning a model of the same configuration (the higher and the jittered S, §3.1); the paper gives
     # no separate figure, so the paper profile sets it to max_epochs. A run's cap is the smaller of the two.
@@ -177,6 +180,10 @@ class TrainConfig:
         _at_most(self, 1.0, "", "momentum", "weight_decay")
         _at_most(self, 1024, "Ray Train workers", "workers")
         _at_most(self, 10_000, "epochs", "max_epochs", "fine_tune_epochs")
+        if any(not 0.0 < fraction < 1.0 for fraction in self.decay_at):
+            raise ConfigError(f"decay_at: every entry must be a fraction of the run in (0, 1), got {list(self.decay_at)}")
+        if list(self.decay_at) != sorted(set(self.decay_at)):
+            raise ConfigError(f"decay_at: must increase strictly, got {list(self.decay_at)}")
         _seed(self.seed)
 
     def fine_tuning(self) -> TrainConfig:
@@ -314,6 +321,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         return _coerce(next(o for o in options if o is not type(None)), value, key)
+    if origin is tuple:  # tuple[X, ...] from a YAML list
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return tuple(_coerce(item, element, f"{key}[{index}]") for index, element in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: must be true or false, got {value!r}")

@@ -11,11 +11,18 @@ to the validation top-1 error:
    by 10 (`lr_decay`) and the count restarts — while fewer than `max_decays` decays have happened.
 3. Once `max_decays` decays have happened, the next plateau (again `patience` consecutive bad epochs at the
    final lr) stops training instead of decaying a fourth time. Training also stops after `max_epochs` epochs.
+
+`train.decay_at` replaces the rule by fixed decays (a departure the small profile makes, README "Profiles"): after
+epoch ceil(f · max_epochs) for each fraction f, the lr is divided by `lr_decay`, and the run ends at `max_epochs`;
+(0.6, 0.9) over 10 epochs is 6 epochs at lr, 3 at lr/10 and 1 at lr/100. A run capped long before it converges
+otherwise ends at whatever lr noise on the validation set left it with, so its error says more about when the
+rule fired than about the architecture.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from vgg.config import TrainConfig
@@ -26,12 +33,16 @@ StopReason = Literal["plateau", "max_epochs"]
 class PlateauSchedule:
     """Epoch-level plateau schedule; `state_dict()` holds only primitives so resume is exact."""
 
-    def __init__(self, *, lr: float, decay: float, patience: int, max_decays: int, max_epochs: int) -> None:
+    def __init__(
+        self, *, lr: float, decay: float, patience: int, max_decays: int, max_epochs: int,
+        decay_at: Sequence[float] = (),
+    ) -> None:
         self.initial_lr = lr
         self.decay = decay
         self.patience = max(patience, 1)
         self.max_decays = max_decays
         self.max_epochs = max_epochs
+        self.decay_at = tuple(decay_at)
         self.epochs = 0  # validation results seen (= epochs trained)
         self.decays = 0
         self.best = math.inf  # best validation top-1 error so far, %
@@ -46,6 +57,7 @@ class PlateauSchedule:
             patience=config.patience,
             max_decays=config.max_decays,
             max_epochs=config.max_epochs,
+            decay_at=config.decay_at,
         )
 
     @property
@@ -65,6 +77,11 @@ class PlateauSchedule:
     def step(self, top1_err: float) -> None:
         """Record one epoch's validation top-1 error (%) and decay or stop per the rule above."""
         self.epochs += 1
+        if self.decay_at:
+            # Fixed decays; `max_epochs` is read live here too, so raising it on resume stretches the steps.
+            self.best = min(self.best, top1_err) if not math.isnan(top1_err) else self.best
+            self.decays = sum(self.epochs >= math.ceil(f * self.max_epochs) for f in self.decay_at)
+            return
         if top1_err < self.best:
             self.best = top1_err
             self.bad_epochs = 0
