@@ -64,7 +64,7 @@ def test_q_sets_follow_section_3_2():
         ("train.fine_tune_epochs=0", "profiles.small.train.fine_tune_epochs: must be > 0"),
         ("train.decay_at=0.6", "profiles.small.train.decay_at: must be a list, got 0.6"),
         ("train.decay_at=[0.9, 0.6]", "profiles.small.train.decay_at: must increase strictly, got [0.9, 0.6]"),
-        ("train.decay_at=[0.5, 1]", "profiles.small.train.decay_at: every entry must be a fraction of the run in (0, 1)"),
+        ("train.decay_at=[0.5, 1]", "train.decay_at: every entry must be a fraction of the run in (0, 1), got [0.5, 1"),
         ("train.decay_at=[soon]", "profiles.small.train.decay_at[0]: must be a number, got 'soon'"),
         ("train.lr", "expected section.key=value"),
     ],

@@ -181,7 +181,8 @@ class TrainConfig:
         _at_most(self, 1024, "Ray Train workers", "workers")
         _at_most(self, 10_000, "epochs", "max_epochs", "fine_tune_epochs")
         if any(not 0.0 < fraction < 1.0 for fraction in self.decay_at):
-            raise ConfigError(f"decay_at: every entry must be a fraction of the run in (0, 1), got {list(self.decay_at)}")
+            raise ConfigError(f"decay_at: every entry must be a fraction of the run in (0, 1), "
+                              f"got {list(self.decay_at)}")
         if list(self.decay_at) != sorted(set(self.decay_at)):
             raise ConfigError(f"decay_at: must increase strictly, got {list(self.decay_at)}")
         _seed(self.seed)

@@ -12,7 +12,7 @@ to the validation top-1 error:
 3. Once `max_decays` decays have happened, the next plateau (again `patience` consecutive bad epochs at the
    final lr) stops training instead of decaying a fourth time. Training also stops after `max_epochs` epochs.
 
-`train.decay_at` replaces the rule by fixed decays (a departure the small profile makes, README "Profiles"): after
+`train.decay_at` replaces the rule by fixed decays (a departure the small profile makes; docs/protocol.md says why): after
 epoch ceil(f · max_epochs) for each fraction f, the lr is divided by `lr_decay`, and the run ends at `max_epochs`;
 (0.6, 0.9) over 10 epochs is 6 epochs at lr, 3 at lr/10 and 1 at lr/100. A run capped long before it converges
 otherwise ends at whatever lr noise on the validation set left it with, so its error says more about when the
