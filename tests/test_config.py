@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pipelines.params import load_profile
-from vgg.config import ScaleRange
+from vgg.config import Profile, ScaleRange, from_mapping
 from vgg.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +152,12 @@ def test_fine_tuning_caps_the_epochs_and_changes_nothing_else():
     tuned = train.fine_tuning()
     assert tuned.max_epochs == 4 and dataclasses.replace(tuned, max_epochs=10) == train
     assert load_profile(PARAMS, overrides=["train.max_epochs=3", "train.fine_tune_epochs=4"]).train.fine_tuning().max_epochs == 3
+
+
+def test_a_resolved_profile_is_plain_data_that_reads_back():
+    """What `vgg profile` prints and MLflow logs is YAML's own data (a list, not a Python tuple), so it can be pasted
+    back into params.yaml."""
+    profile = load_profile(PARAMS)
+    data = profile.to_dict()
+    assert data["train"]["decay_at"] == [0.6, 0.9]
+    assert from_mapping(Profile, yaml.safe_load(yaml.safe_dump(data))) == profile

@@ -274,7 +274,9 @@ class Profile:
         return getattr(self.scales, key)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data as params.yaml writes it (lists, not tuples), so what `vgg profile` prints and MLflow shows can
+        be pasted back into params.yaml."""
+        return _plain(dataclasses.asdict(self))
 
 
 def _positive(config: object, *names: str) -> None:
@@ -351,6 +353,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _at_most(config: object, limit: float, why: str, *names: str) -> None:
