@@ -221,6 +221,12 @@ def test_fixed_decays_ignore_the_validation_curve_and_end_at_the_cap() -> None:
     resumed = _schedule(max_epochs=10, decay_at=(0.6, 0.9))
     resumed.load_state_dict(torch.load(_save_state(schedule.state_dict()), weights_only=True))
     assert resumed.state_dict() == schedule.state_dict() and resumed.lr == schedule.lr
+    stretched = _schedule(max_epochs=10, decay_at=(0.6, 0.9))  # stopped after epoch 6, resumed with a cap of 20
+    for err in [50] * 6:
+        stretched.step(err)
+    assert stretched.lr == pytest.approx(1e-3)
+    stretched.max_epochs = 20
+    assert stretched.lr == pytest.approx(1e-2) and stretched.stop_reason is None  # next step after epoch 12
 
 
 def _save_state(state: dict) -> io.BytesIO:

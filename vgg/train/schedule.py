@@ -12,11 +12,11 @@ to the validation top-1 error:
 3. Once `max_decays` decays have happened, the next plateau (again `patience` consecutive bad epochs at the
    final lr) stops training instead of decaying a fourth time. Training also stops after `max_epochs` epochs.
 
-`train.decay_at` replaces the rule by fixed decays (a departure the small profile makes; docs/protocol.md says why): after
-epoch ceil(f · max_epochs) for each fraction f, the lr is divided by `lr_decay`, and the run ends at `max_epochs`;
-(0.6, 0.9) over 10 epochs is 6 epochs at lr, 3 at lr/10 and 1 at lr/100. A run capped long before it converges
-otherwise ends at whatever lr noise on the validation set left it with, so its error says more about when the
-rule fired than about the architecture.
+`train.decay_at` replaces the rule by fixed decays (a departure the small profile makes; docs/protocol.md says
+why): after epoch ceil(f · max_epochs) for each fraction f, the lr is divided by `lr_decay`, and the run ends at
+`max_epochs`; (0.6, 0.9) over 10 epochs is 6 epochs at lr, 3 at lr/10 and 1 at lr/100. A run capped long before
+it converges otherwise ends at whatever lr noise on the validation set left it with, so its error says more about
+when the rule fired than about the architecture.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class PlateauSchedule:
     @property
     def lr(self) -> float:
         # From the initial lr each time, so 1e-2 after three decays is 1e-5 without drift from repeated products.
-        return self.initial_lr * self.decay**self.decays
+        # Fixed decays count from the epochs done and the live cap, so a cap raised on resume moves the steps at once.
+        decays = self._fixed_decays() if self.decay_at else self.decays
+        return self.initial_lr * self.decay**decays
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -77,10 +79,9 @@ class PlateauSchedule:
     def step(self, top1_err: float) -> None:
         """Record one epoch's validation top-1 error (%) and decay or stop per the rule above."""
         self.epochs += 1
-        if self.decay_at:
-            # Fixed decays; `max_epochs` is read live here too, so raising it on resume stretches the steps.
+        if self.decay_at:  # fixed decays: the curve is only recorded
             self.best = min(self.best, top1_err) if not math.isnan(top1_err) else self.best
-            self.decays = sum(self.epochs >= math.ceil(f * self.max_epochs) for f in self.decay_at)
+            self.decays = self._fixed_decays()
             return
         if top1_err < self.best:
             self.best = top1_err
@@ -94,6 +95,9 @@ class PlateauSchedule:
             self.bad_epochs = 0
         else:
             self.plateau_stop = True
+
+    def _fixed_decays(self) -> int:
+        return sum(self.epochs >= math.ceil(fraction * self.max_epochs) for fraction in self.decay_at)
 
     def state_dict(self) -> dict[str, Any]:
         return {
