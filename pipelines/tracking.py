@@ -507,7 +507,7 @@ class MetricsRelay:
         if self._error is not None:
             if isinstance(self._error, TrackingError):
                 raise TrackingError(str(self._error))
-            raise TrackingError(f"MLflow store cannot be written: {str(self._error).splitlines()[0]}") from self._error
+            raise TrackingError(f"MLflow store cannot be written: {_first_line(self._error)}") from self._error
         assert self._run is not None
         return self._run
 
@@ -521,7 +521,12 @@ class MetricsRelay:
                 raise
             while True:
                 last = self._stopping.wait(self.POLL_S)
-                offset = self._log_new_lines(offset)
+                try:
+                    offset = self._log_new_lines(offset)
+                except Exception as error:  # after MLflow's own retries (~4 min by default: docs/errors.md)
+                    print(f"warning: MLflow stopped recording this training ({_first_line(error)}); training goes "
+                          "on untracked, its model is still written", file=sys.stderr)
+                    raise
                 if last:
                     return
         except BaseException as error:  # raised by stop(), in the caller's thread
@@ -541,3 +546,8 @@ class MetricsRelay:
             entry = json.loads(line)
             self._run.log_metrics(entry["metrics"], step=entry["step"])
         return offset + len(complete)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
