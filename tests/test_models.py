@@ -175,6 +175,24 @@ def test_a_lrn_has_one_lrn_after_conv1_1_with_alexnets_formula() -> None:
     assert relative_error(pytorch_style(a), a / (2 + 1e-4 / 5 * sums) ** 0.75) <= 1e-6
 
 
+@pytest.mark.parametrize("size", [1, 2, 4, 5, 7])
+def test_our_lrn_is_torchs_in_float64_values_and_gradients(size: int) -> None:
+    """vgg's LocalResponseNorm (a banded 1×1 convolution, for speed) against torch.nn.LocalResponseNorm as the
+    oracle: the same windows (odd and even n, at the channel edges), values and input gradients, NCHW and
+    channels-last."""
+    from vgg.models.vgg import LocalResponseNorm
+
+    for channels in (3, 8, 64):
+        a = (torch.rand(2, channels, 6, 7, generator=seeded(channels), dtype=torch.float64) * 30).requires_grad_()
+        arguments = {"size": size, "alpha": 5e-3, "beta": 0.75, "k": 2.0}
+        expected = nn.LocalResponseNorm(**arguments)(a)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), a)
+        for x in (a, a.to(memory_format=torch.channels_last)):
+            ours = LocalResponseNorm(**arguments)(x)
+            (grad,) = torch.autograd.grad(ours.square().sum(), a)
+            assert relative_error(ours, expected) <= 1e-12 and relative_error(grad, expected_grad) <= 1e-12
+
+
 def test_a_lrn_forward_applies_its_lrn_and_differs_from_a_with_the_same_weights() -> None:
     a, a_lrn = build("A", **SMALL, generator=seeded(4)), build("A-LRN", **SMALL, generator=seeded(5))
     with torch.no_grad():

@@ -16,6 +16,21 @@ from vgg.errors import ModelError
 from vgg.models import specs
 
 
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """torch's `LocalResponseNorm` (same parameters, same formula, same module type) with the window's sum of squares
+    as a 1×1 convolution by a banded 0/1 matrix: one matmul per position, where torch pads and average-pools a 5-D
+    view (2–3× slower on a CPU: benchmarks/lrn.py). Channel c's window is c − ⌊n/2⌋ … c + ⌊(n−1)/2⌋, as torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        channels = torch.arange(x.shape[1], device=x.device)
+        offset = channels[None, :] - channels[:, None]  # [out, in]: input channel minus output channel
+        band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(x.dtype)
+        sums = F.conv2d(x * x, band[:, :, None, None])
+        return x * (sums * (self.alpha / self.size) + self.k).pow(-self.beta)
+
+
 class VGG(nn.Module):
     """One of Table 1's configurations; `forward` classifies crops, `score_map` scores whole images."""
 
@@ -47,7 +62,7 @@ class VGG(nn.Module):
                 # padding k//2 keeps the resolution: 1 px for 3×3 (§2.1), 0 for 1×1.
                 layers += [nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2), nn.ReLU(inplace=True)]
                 if f"conv{block}_{position}" in spec.lrn_after:
-                    layers.append(nn.LocalResponseNorm(specs.LRN_SIZE, alpha=alpha, beta=specs.LRN_BETA, k=specs.LRN_K))
+                    layers.append(LocalResponseNorm(specs.LRN_SIZE, alpha=alpha, beta=specs.LRN_BETA, k=specs.LRN_K))
                 in_channels = out_channels
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         self.features = nn.Sequential(*layers)
