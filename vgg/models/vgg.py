@@ -19,16 +19,21 @@ from vgg.models import specs
 class LocalResponseNorm(nn.LocalResponseNorm):
     """torch's `LocalResponseNorm` (same parameters, same formula, same module type) with the window's sum of squares
     as a 1×1 convolution by a banded 0/1 matrix: one matmul per position, where torch pads and average-pools a 5-D
-    view (2–3× slower on a CPU: benchmarks/lrn.py). Channel c's window is c − ⌊n/2⌋ … c + ⌊(n−1)/2⌋, as torch's."""
+    view (~2× slower on a CPU: benchmarks/lrn.py). Channel c's window is c − ⌊n/2⌋ … c + ⌊(n−1)/2⌋, as torch's.
+
+    Under autocast it computes in float32 (torch's squares in bf16, then averages in float32, its average pool
+    being on the CPU autocast's float32 list): in bf16 throughout, its three roundings cost up to ~1% per element."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             return super().forward(x)
-        channels = torch.arange(x.shape[1], device=x.device)
-        offset = channels[None, :] - channels[:, None]  # [out, in]: input channel minus output channel
-        band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(x.dtype)
-        sums = F.conv2d(x * x, band[:, :, None, None])
-        return x * (sums * (self.alpha / self.size) + self.k).pow(-self.beta)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            channels = torch.arange(x.shape[1], device=x.device)
+            offset = channels[None, :] - channels[:, None]  # [out, in]: input channel minus output channel
+            band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(x.dtype)
+            sums = F.conv2d(x * x, band[:, :, None, None])
+            return x * (sums * (self.alpha / self.size) + self.k).pow(-self.beta)
 
 
 class VGG(nn.Module):
