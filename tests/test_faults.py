@@ -100,7 +100,7 @@ def test_mlflow_dying_during_a_training_keeps_the_model_and_says_so(ray_cluster,
 
 
 def test_an_mlflow_server_back_within_the_retries_loses_no_epoch(ray_cluster, tiny_params, tiny_shards, tmp_path):
-    """MLflow's own retries (default: 7, the waits doubling from 2 s) carry a training over a server restart: the
+    """MLflow's own retries (default: 7, each wait twice the last) carry a training over a server restart: the
     run ends FINISHED with every epoch's metrics."""
     from mlflow.tracking import MlflowClient
 
