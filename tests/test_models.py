@@ -207,6 +207,12 @@ def test_our_lrn_computes_in_float32_under_bf16_autocast() -> None:
     assert relative_error(ours.double(), exact) <= max(relative_error(torchs.double(), exact), 1e-6)
 
 
+def test_a_lrn_runs_on_the_meta_device_where_flops_are_counted() -> None:
+    with torch.device("meta"):
+        model = build("A-LRN", **SMALL)
+        assert model(torch.empty(2, 3, 32, 32)).shape == (2, SMALL["num_classes"])
+
+
 def test_a_lrn_forward_applies_its_lrn_and_differs_from_a_with_the_same_weights() -> None:
     a, a_lrn = build("A", **SMALL, generator=seeded(4)), build("A-LRN", **SMALL, generator=seeded(5))
     with torch.no_grad():

@@ -8,6 +8,8 @@ pooling: the head is sized for the training crop, and larger images go through `
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,9 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
+        # (the meta device, where FLOPs are counted, has no autocast: torch.autocast refuses it)
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             channels = torch.arange(x.shape[1], device=x.device)
             offset = channels[None, :] - channels[:, None]  # [out, in]: input channel minus output channel
